@@ -1,0 +1,1 @@
+"""LoRA experts, routers and the adapter mixture."""

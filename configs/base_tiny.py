@@ -1,0 +1,35 @@
+"""Pretraining of the tiny InternVL-shaped base that ships with drex (drex/assets/base_tiny).
+
+  python -m drex.pretrain --config=configs/base_tiny.py --workdir=runs/base_tiny
+  python -m drex.pretrain --config=configs/base_tiny.py:smoke --workdir=/tmp/base_smoke   # seconds
+"""
+
+import ml_collections
+
+
+def get_config(mode: str = "full") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # PRNG seed: tokenizer corpus, init, data order
+  c.vocab_size = 384  # size of the BPE vocabulary trained on the task family's text
+  c.data_dir = ""  # TFDS data directory ('' = ~/.cache/drex/tfds)
+  c.data = "foundation_pretrain"  # 'foundation_pretrain' (large mix) or 'train_splits' (the tasks' small splits)
+  c.batch_size = 64  # examples per step
+  c.steps = 6000  # optimizer steps
+  c.learning_rate = 1e-3  # peak AdamW learning rate
+  c.warmup_steps = 300  # linear warmup steps
+  c.weight_decay = 0.01  # AdamW weight decay
+  c.eval_every = 1000  # steps between foundation-suite evaluations
+  c.eval_size = 256  # test examples per foundation task
+  c.eval_batch_size = 256  # prompts per generation batch
+  c.max_new_tokens = 4  # generated tokens per answer
+  c.export_to = ""  # if set, also copy the finished base there (e.g. drex/assets/base_tiny)
+  if mode == "smoke":  # a seconds-long run that exercises every code path
+    c.steps = 20
+    c.data = "train_splits"
+    c.warmup_steps = 5
+    c.eval_every = 10
+    c.eval_size = 16
+    c.eval_batch_size = 16
+  elif mode != "full":
+    raise ValueError(f"unknown mode {mode!r}; use 'full' or 'smoke'")
+  return c

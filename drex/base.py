@@ -1,0 +1,76 @@
+"""The frozen base: architecture + params + tokenizer + chat template + image tiling, loaded from a
+base checkpoint directory (the shipped tiny base by default)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import importlib_resources
+
+from drex.adapters.lora import AdapterSpec
+from drex.checkpoints import store
+from drex.data import pipeline, prompts, tasks
+from drex.data import tokenizer as tok_lib
+from drex.errors import UserError
+from drex.models.vlm import VLM
+
+SHIPPED = "base_tiny"  # drex/assets/base_tiny: the pretrained tiny base of the embedded default
+
+
+def shipped_path() -> str:
+  return str(importlib_resources.files("drex") / "assets" / SHIPPED)
+
+
+@dataclasses.dataclass
+class Base:
+  info: store.BaseInfo
+  tokenizer: tok_lib.Tokenizer
+  params: Any
+  path: str
+
+  def model(self, adapter: AdapterSpec = AdapterSpec()) -> VLM:
+    return VLM(self.info.model, adapter)
+
+  def encoder(self) -> pipeline.Encoder:
+    return pipeline.Encoder(self.tokenizer, prompts.get_template(self.info.template), self.info.image,
+                            self.info.model.tokens_per_tile)
+
+
+def param_shapes(model: VLM, image: pipeline.ImageSpec) -> Any:
+  """Shapes/dtypes of the base params of `model` (no allocation)."""
+  px = jnp.zeros((1, 1, image.tile_size, image.tile_size, 3), jnp.float32)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  mask = jnp.ones((1, 8), bool)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), px, ids, jnp.zeros((1, 8), jnp.int32), mask))
+  return nn.unbox(shapes)["params"]
+
+
+def init_params(model: VLM, image: pipeline.ImageSpec, rng: jax.Array) -> Any:
+  px = jnp.zeros((1, 1, image.tile_size, image.tile_size, 3), jnp.float32)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return nn.unbox(model.init(rng, px, ids, jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), bool)))["params"]
+
+
+def load(path: str = "") -> Base:
+  """Load a base checkpoint directory ('' = the shipped tiny base), checking every tensor."""
+  path = path or shipped_path()
+  if not os.path.isdir(path):
+    raise UserError(f"base checkpoint directory not found: {path}")
+  info, tokenizer = store.load_base_info(path)
+  params = store.load_base_params(path, param_shapes(VLM(info.model), info.image))
+  return Base(info, tokenizer, params, path)
+
+
+def tiny_tokenizer(vocab_size: int) -> tok_lib.Tokenizer:
+  """BPE trained on the text of every task of the family (questions, answers, chat template)."""
+  template = prompts.get_template("tiny")
+  corpus = [template.prompt("", 0), template.target("")]
+  for task in tasks.TASKS.values():
+    corpus += [f"{ex.question} {ex.answer}" for _, ex in tasks.examples(task, "train", size=500)]
+  corpus += [" ".join(tasks.ANSWER_WORDS)] * 10
+  return tok_lib.train_bpe(corpus, vocab_size)

@@ -1,0 +1,194 @@
+"""Orbax storage of the frozen base (once) and of each task's adapter (separately).
+
+  <base>/config.json      model architecture, chat template, image tiling, provenance
+  <base>/tokenizer.json   (or tokenizer.model)
+  <base>/params/          orbax tree of the base params
+  <workdir>/adapters/<name>/experts/   orbax tree, A: [1, d_in, r], B: [1, r, d_out]
+  <workdir>/adapters/<name>/router/    orbax tree, v: [1, d_in]      (absent for plain LoRA)
+  <workdir>/adapters/<name>/metadata.json
+
+Every write goes to a temporary sibling directory that is renamed into place only when complete,
+so an interrupted save never leaves a half-written checkpoint under the final name, and an existing
+checkpoint is never overwritten. Every restore checks names and shapes against what the model
+expects and reports each offender in one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from drex.data import tokenizer as tok_lib
+from drex.data.pipeline import ImageSpec
+from drex.errors import UserError
+from drex.models.config import VLMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseInfo:
+  """What a base checkpoint is, besides its weights."""
+
+  model: VLMConfig
+  template: str  # chat template name (drex.data.prompts)
+  image: ImageSpec
+  provenance: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+
+  def to_json(self) -> dict:
+    return {"model": self.model.to_dict(), "template": self.template, "image": dataclasses.asdict(self.image),
+            "provenance": self.provenance}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "BaseInfo":
+    return cls(VLMConfig.from_dict(d["model"]), d["template"], ImageSpec(**d["image"]), d.get("provenance", {}))
+
+
+# ----------------------------------------------------------------------------- generic trees
+
+
+def _staging(path: str) -> str:
+  return f"{path.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def commit(staging: str, path: str) -> None:
+  """Atomically move a finished staging directory into place; never replaces an existing one."""
+  if os.path.exists(path):
+    shutil.rmtree(staging, ignore_errors=True)
+    raise UserError(f"refusing to overwrite existing checkpoint {path}; move it away or use another workdir")
+  os.rename(staging, path)
+
+
+def write_tree(path: str, tree: Any) -> None:
+  """Save a pytree of arrays with orbax at `path` (which must not exist yet)."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), tree)
+  checkpointer.wait_until_finished()
+
+
+def tree_problems(expected: Any, actual: dict[tuple[str, ...], tuple[tuple[int, ...], Any]]) -> list[str]:
+  """Names of missing, unexpected and mis-shaped leaves. `actual`: flat path -> (shape, dtype)."""
+  want = {path: (tuple(leaf.shape), leaf.dtype) for path, leaf in flax.traverse_util.flatten_dict(expected).items()}
+  problems = [f"missing {'/'.join(p)} (model expects {want[p][0]})" for p in sorted(set(want) - set(actual))]
+  problems += [f"unexpected {'/'.join(p)} {actual[p][0]}" for p in sorted(set(actual) - set(want))]
+  problems += [f"{'/'.join(p)} has shape {actual[p][0]} but the model expects {want[p][0]}"
+               for p in sorted(set(want) & set(actual)) if tuple(actual[p][0]) != want[p][0]]
+  return problems
+
+
+def read_tree(path: str, expected: Any | None = None, what: str = "checkpoint") -> Any:
+  """Restore a pytree saved by `write_tree`.
+
+  With `expected` (a tree of arrays or jax.ShapeDtypeStruct, optionally with `.sharding`), every
+  leaf is checked by name and shape first and restored with the expected dtype and sharding.
+  """
+  if not os.path.isdir(path):
+    raise UserError(f"{what} not found: {path}")
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    meta = checkpointer.metadata(os.path.abspath(path))
+  except Exception as e:  # orbax raises various types for damaged directories
+    raise UserError(f"{what} at {path} is damaged or incomplete ({type(e).__name__}); delete it and re-run") from None
+  stored = flax.traverse_util.flatten_dict(_as_dict(meta.item_metadata.tree))
+  if expected is not None:
+    problems = tree_problems(expected, {p: (tuple(m.shape), m.dtype) for p, m in stored.items()})
+    if problems:
+      raise UserError(f"{what} at {path} does not fit the model: " + "; ".join(problems))
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), expected)
+  else:
+    target = None
+  try:
+    return checkpointer.restore(os.path.abspath(path), target)
+  except Exception as e:
+    raise UserError(f"{what} at {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                    f"delete it and re-run") from None
+
+
+def _as_dict(tree):
+  if isinstance(tree, dict):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(obj):
+  if isinstance(obj, (np.floating, np.integer)):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def read_json(path: str, what: str) -> Any:
+  if not os.path.exists(path):
+    raise UserError(f"{what} not found: {path}")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{what} at {path} is not valid JSON ({e}); delete it and re-run") from None
+
+
+# ----------------------------------------------------------------------------- base
+
+
+def save_base(directory: str, params: Any, info: BaseInfo, tokenizer: tok_lib.Tokenizer) -> None:
+  """Write a base checkpoint directory once (atomically)."""
+  staging = _staging(directory)
+  os.makedirs(staging)
+  write_json(os.path.join(staging, "config.json"), info.to_json())
+  tokenizer.save(staging)
+  write_tree(os.path.join(staging, "params"), params)
+  commit(staging, directory)
+
+
+def load_base_info(directory: str) -> tuple[BaseInfo, tok_lib.Tokenizer]:
+  info = BaseInfo.from_json(read_json(os.path.join(directory, "config.json"), "base config"))
+  return info, tok_lib.Tokenizer.load(directory)
+
+
+def load_base_params(directory: str, expected: Any) -> Any:
+  return read_tree(os.path.join(directory, "params"), expected, what="base params")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def save_adapter(directory: str, experts: Any, router: Any | None, metadata: dict) -> None:
+  """Write one task's adapter (expert slice, its routing vectors, JSON metadata) once."""
+  staging = _staging(directory)
+  os.makedirs(staging)
+  write_tree(os.path.join(staging, "experts"), experts)
+  if router is not None:
+    write_tree(os.path.join(staging, "router"), router)
+  write_json(os.path.join(staging, "metadata.json"), metadata)
+  os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+  commit(staging, directory)
+
+
+def load_adapter(directory: str, expected_experts: Any | None = None,
+                 expected_router: Any | None = None) -> tuple[Any, Any | None, dict]:
+  metadata = read_json(os.path.join(directory, "metadata.json"), "adapter metadata")
+  experts = read_tree(os.path.join(directory, "experts"), expected_experts, what=f"adapter {directory}")
+  router_path = os.path.join(directory, "router")
+  router = read_tree(router_path, expected_router, what=f"router {directory}") if os.path.isdir(router_path) else None
+  return experts, router, metadata
+
+
+def is_complete(directory: str) -> bool:
+  """A committed checkpoint directory (staging directories never carry the final name)."""
+  return os.path.isdir(directory) and not os.path.basename(directory.rstrip(os.sep)).count(".tmp-")

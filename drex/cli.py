@@ -1,0 +1,90 @@
+"""Command-line plumbing shared by drex's entry points: ml_collections config files with
+`--config.a.b=value` overrides, checked up front so that a missing config file or a misspelled key is
+a one-line error (not a traceback), and `UserError`s printed as one line with exit status 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+import ml_collections
+
+from drex.errors import UserError
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'path/to/config.py[:arg]' -> the ConfigDict its get_config(arg) returns."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(f"drex_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"config file {path} has no get_config(arg) function")
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str], flag: str = "config") -> None:
+  """Every --config.a.b=value names an existing field."""
+  prefix = f"--{flag}."
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    key = arg[len(prefix):].split("=", 1)[0]
+    node = config
+    walked = []
+    for part in key.split("."):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+        known = ", ".join(sorted(node.keys())) if isinstance(node, (ml_collections.ConfigDict, dict)) else "(none)"
+        where = ".".join(walked) or "the top level"
+        raise UserError(f"unknown config key '{key}': no '{part}' under {where}; known keys there: {known}")
+      node = node[part]
+      walked.append(part)
+
+
+def _precheck(argv: Sequence[str], flag: str) -> None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{flag}="):
+      spec = arg.split("=", 1)[1]
+    elif arg == f"--{flag}" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    else:
+      continue
+    check_overrides(load_config_file(spec), argv, flag)
+    return
+
+
+def setup_logging() -> None:
+  """drex's own messages at INFO on stderr; other libraries' (orbax, tfds, grain) at WARNING."""
+  logging.getLogger().setLevel(logging.WARNING)
+  logger = logging.getLogger("drex")
+  logger.setLevel(logging.INFO)
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s drex %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def run(main: Callable[[Sequence[str]], None], prog: str) -> None:
+  """absl app.run(main) with config pre-checks and one-line user errors."""
+
+  def wrapped(argv):
+    setup_logging()
+    try:
+      main(argv)
+    except UserError as e:
+      print(f"{prog}: error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  try:
+    _precheck(sys.argv[1:], "config")
+  except UserError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  app.run(wrapped)

@@ -1,0 +1,114 @@
+"""Pretrain the tiny base of the embedded default (once; the result ships in drex/assets/base_tiny).
+
+  python -m drex.pretrain --config=configs/base_tiny.py --workdir=runs/base_tiny
+
+Trains a BPE tokenizer on the task family's text, then the whole tiny InternVL-shaped model on the
+foundation suite (+ the echo task that teaches every answer word), evaluates the foundation suite,
+and writes WORKDIR/base (orbax params + config.json + tokenizer.json). `--config.export_to=DIR`
+also copies it to DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+from absl import flags
+import jax
+from ml_collections import config_flags
+import tensorflow_datasets as tfds
+from tensorboardX import SummaryWriter
+
+from drex import base as base_lib
+from drex import cli
+from drex import evaluation
+from drex.checkpoints import store
+from drex.data import builder, pipeline, tasks
+from drex.errors import UserError
+from drex.models import presets
+from drex.training import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/base_tiny.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; WORKDIR/base is written once.")
+
+log = logging.getLogger(__name__)
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  if _WORKDIR.value is None:
+    raise UserError("--workdir is required")
+  workdir = _WORKDIR.value
+  base_dir = os.path.join(workdir, "base")
+  if os.path.exists(base_dir):
+    raise UserError(f"{base_dir} exists already; a base is written once (use another --workdir)")
+  os.makedirs(workdir, exist_ok=True)
+  tfds.disable_progress_bar()
+  data_dir = cfg.data_dir or builder.DEFAULT_DATA_DIR
+  begin = time.time()
+
+  tokenizer = base_lib.tiny_tokenizer(cfg.vocab_size)
+  info = store.BaseInfo(presets.tiny(tokenizer.vocab_size, tokenizer.token_id("<IMG_CONTEXT>")), "tiny",
+                        pipeline.ImageSpec(tile_size=32, max_tiles=1))
+  model = base_lib.Base(info, tokenizer, None, "").model()
+  encoder = base_lib.Base(info, tokenizer, None, "").encoder()
+
+  if cfg.data == "foundation_pretrain":
+    sources = [builder.data_source(builder.PRETRAIN, "train", data_dir)]
+  elif cfg.data == "train_splits":
+    sources = [builder.data_source(name, "train", data_dir) for name in tasks.PRETRAIN_MIX]
+  else:
+    raise UserError(f"unknown pretraining data {cfg.data!r}; use 'foundation_pretrain' or 'train_splits'")
+  eval_sets = [evaluation.make_eval_set(name, tasks.get(name).metric, builder.data_source(name, "test", data_dir),
+                                        jax.process_index(), jax.process_count(), limit=cfg.eval_size)
+               for name in tasks.FOUNDATION]
+  lengths = [encoder.lengths(s.source) for s in eval_sets]
+  prompt_len = _round_up(max(p for p, _ in lengths), 8)
+  seq_len = _round_up(max(t for _, t in lengths), 8)
+  log.info("model %s; tokenizer %d tokens; seq_len %d", info.model.llm, tokenizer.vocab_size, seq_len)
+
+  optim = trainer.OptimConfig(cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay)
+  optimizer = trainer.make_optimizer(optim)
+  state = trainer.init_state(base_lib.init_params(model, info.image, jax.random.key(cfg.seed)), optimizer)
+  batches = pipeline.train_batches(sources, encoder, seq_len, cfg.batch_size, cfg.seed,
+                                   shard_index=jax.process_index(), shard_count=jax.process_count())
+  evaluator = evaluation.Evaluator(encoder, prompt_len, cfg.eval_batch_size, cfg.max_new_tokens)
+  step = jax.jit(trainer.make_train_step(model, "params", optimizer), donate_argnums=(0,))
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  history = []
+  while int(state.step) < cfg.steps:
+    target = min(int(state.step) + cfg.eval_every, cfg.steps)
+    state, summary = trainer.train("pretrain", None, state, {}, batches, target, writer=writer, jit_step=step)
+    scores = {s.name: evaluator.score(model, {"params": state.params}, s) for s in eval_sets}
+    history.append({"step": target, "loss": summary["loss_last"], **scores})
+    for name, score in scores.items():
+      writer.add_scalar(f"foundation/{name}", score, target)
+    log.info("step %d: loss %.3f; %s", target, summary["loss_last"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+  writer.close()
+
+  provenance = {"command": " ".join(["python -m drex.pretrain"] + sys.argv[1:]), "config": cfg.to_dict(),
+                "seconds": round(time.time() - begin, 1), "device": jax.devices()[0].device_kind,
+                "jax": jax.__version__, "foundation_scores": history[-1], "history": history}
+  info = store.BaseInfo(info.model, info.template, info.image, provenance)
+  store.save_base(base_dir, state.params, info, tokenizer)
+  log.info("wrote %s (%.0fs)", base_dir, provenance["seconds"])
+  print(json.dumps(history[-1]))
+  if cfg.export_to:
+    if os.path.exists(cfg.export_to):
+      raise UserError(f"{cfg.export_to} exists; remove it first to replace the exported base")
+    shutil.copytree(base_dir, cfg.export_to)
+    log.info("exported to %s", cfg.export_to)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+if __name__ == "__main__":
+  cli.run(main, "drex.pretrain")

@@ -12,7 +12,8 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   c.seed = 0  # PRNG seed: tokenizer corpus, init, data order
   c.vocab_size = 384  # size of the BPE vocabulary trained on the task family's text
   c.data_dir = ""  # TFDS data directory ('' = ~/.cache/drex/tfds)
-  c.data = "foundation_pretrain"  # 'foundation_pretrain' (large mix) or 'train_splits' (the tasks' small splits)
+  c.data = "pretrain"  # 'pretrain' (the large pretraining splits) or 'train' (the tasks' small train splits)
+  c.data_workers = 0  # grain worker processes formatting batches (0 = in the main process)
   c.batch_size = 64  # examples per step
   c.steps = 6000  # optimizer steps
   c.learning_rate = 1e-3  # peak AdamW learning rate
@@ -22,14 +23,23 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   c.eval_size = 256  # test examples per foundation task
   c.eval_batch_size = 256  # prompts per generation batch
   c.max_new_tokens = 4  # generated tokens per answer
+  c.max_seconds = 0  # stop training (at an evaluation) after this many seconds (0 = run all steps)
   c.export_to = ""  # if set, also copy the finished base there (e.g. drex/assets/base_tiny)
   if mode == "smoke":  # a seconds-long run that exercises every code path
     c.steps = 20
-    c.data = "train_splits"
+    c.data = "train"
     c.warmup_steps = 5
     c.eval_every = 10
     c.eval_size = 16
     c.eval_batch_size = 16
+  elif mode == "gpu":  # the run that made the shipped base: large batches, parallel input pipeline
+    c.batch_size = 512
+    c.steps = 20000
+    c.learning_rate = 2e-3
+    c.warmup_steps = 500
+    c.eval_every = 2500
+    c.data_workers = 12
+    c.max_seconds = 330
   elif mode != "full":
-    raise ValueError(f"unknown mode {mode!r}; use 'full' or 'smoke'")
+    raise ValueError(f"unknown mode {mode!r}; use 'full', 'gpu' or 'smoke'")
   return c

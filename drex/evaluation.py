@@ -106,6 +106,8 @@ def routing_profile(model: VLM, variables: dict, batch: dict) -> np.ndarray:
   weight = jnp.asarray(mask, jnp.float32)[..., None]
   per_layer: dict[int, list[np.ndarray]] = {}
   for path, value in inter.items():
+    if path[-1] != "gates":
+      continue
     layer = int(_LAYER.fullmatch(next(p for p in path if _LAYER.fullmatch(p))).group(1))
     g = value[0] if isinstance(value, tuple) else value
     per_layer.setdefault(layer, []).append(np.asarray((g * weight).sum((0, 1)) / weight.sum()))

@@ -58,12 +58,12 @@ def main(argv):
   model = base_lib.Base(info, tokenizer, None, "").model()
   encoder = base_lib.Base(info, tokenizer, None, "").encoder()
 
-  if cfg.data == "foundation_pretrain":
-    sources = [builder.data_source(builder.PRETRAIN, "train", data_dir)]
-  elif cfg.data == "train_splits":
-    sources = [builder.data_source(name, "train", data_dir) for name in tasks.PRETRAIN_MIX]
-  else:
-    raise UserError(f"unknown pretraining data {cfg.data!r}; use 'foundation_pretrain' or 'train_splits'")
+  if cfg.data not in ("pretrain", "train"):
+    raise UserError(f"unknown pretraining data {cfg.data!r}; use 'pretrain' or 'train'")
+  prefix = builder.PRETRAIN_PREFIX if cfg.data == "pretrain" else ""
+  builder.prepare_all([prefix + name for name in tasks.PRETRAIN_MIX] + list(tasks.FOUNDATION), data_dir,
+                      processes=os.cpu_count() or 1)
+  sources = [builder.data_source(prefix + name, "train", data_dir) for name in tasks.PRETRAIN_MIX]
   eval_sets = [evaluation.make_eval_set(name, tasks.get(name).metric, builder.data_source(name, "test", data_dir),
                                         jax.process_index(), jax.process_count(), limit=cfg.eval_size)
                for name in tasks.FOUNDATION]
@@ -75,13 +75,18 @@ def main(argv):
   optim = trainer.OptimConfig(cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay)
   optimizer = trainer.make_optimizer(optim)
   state = trainer.init_state(base_lib.init_params(model, info.image, jax.random.key(cfg.seed)), optimizer)
-  batches = pipeline.train_batches(sources, encoder, seq_len, cfg.batch_size, cfg.seed,
-                                   shard_index=jax.process_index(), shard_count=jax.process_count())
+  batches = pipeline.train_batches(sources, encoder, seq_len, cfg.batch_size, cfg.seed, weights=[1.0] * len(sources),
+                                   shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                   workers=cfg.data_workers)
   evaluator = evaluation.Evaluator(encoder, prompt_len, cfg.eval_batch_size, cfg.max_new_tokens)
   step = jax.jit(trainer.make_train_step(model, "params", optimizer), donate_argnums=(0,))
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   history = []
+  train_begin = time.time()
   while int(state.step) < cfg.steps:
+    if cfg.max_seconds and time.time() - train_begin > cfg.max_seconds:
+      log.info("stopping at step %d: max_seconds=%d reached", int(state.step), cfg.max_seconds)
+      break
     target = min(int(state.step) + cfg.eval_every, cfg.steps)
     state, summary = trainer.train("pretrain", None, state, {}, batches, target, writer=writer, jit_step=step)
     scores = {s.name: evaluator.score(model, {"params": state.params}, s) for s in eval_sets}
@@ -93,6 +98,7 @@ def main(argv):
   writer.close()
 
   provenance = {"command": " ".join(["python -m drex.pretrain"] + sys.argv[1:]), "config": cfg.to_dict(),
+                "steps_done": int(state.step),
                 "seconds": round(time.time() - begin, 1), "device": jax.devices()[0].device_kind,
                 "jax": jax.__version__, "foundation_scores": history[-1], "history": history}
   info = store.BaseInfo(info.model, info.template, info.image, provenance)

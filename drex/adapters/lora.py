@@ -70,6 +70,8 @@ class AdaptedDense(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                         (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "inputs", x)  # for routing analysis (null-expert prototypes)
     if self.has_variable("experts", "lora_a"):
       a = self.get_variable("experts", "lora_a")
       b = self.get_variable("experts", "lora_b")

@@ -1,8 +1,8 @@
 """TFDS builder of the procedurally generated task family (array_record, no TensorFlow needed).
 
-One builder config per task (`drex_tasks/<task>`, splits 'train' and 'test'), and
-`drex_tasks/foundation_pretrain` (split 'train' only): the base's pretraining data, PRETRAIN_SIZE
-examples of each task of tasks.PRETRAIN_MIX (foundation suite + echo), interleaved. Records:
+One builder config per task (`drex_tasks/<task>`, splits 'train' and 'test'), and one per task of
+tasks.PRETRAIN_MIX (foundation suite + echo) holding the base's pretraining data
+(`drex_tasks/pretrain_<task>`, split 'train' only, PRETRAIN_SIZE examples). Records:
   image      PNG (32x32x3; a blank image for language-only tasks)
   has_image  whether the question is about the image
   question, answer  text
@@ -21,8 +21,8 @@ from PIL import Image
 from drex.data import render, tasks
 
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "drex", "tfds")
-PRETRAIN = "foundation_pretrain"
-PRETRAIN_SIZE = 50_000
+PRETRAIN_PREFIX = "pretrain_"
+PRETRAIN_SIZE = 100_000
 
 
 class DrexTasks(tfds.core.GeneratorBasedBuilder):
@@ -31,7 +31,8 @@ class DrexTasks(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=t.description) for name, t in tasks.TASKS.items()
-                    ] + [tfds.core.BuilderConfig(name=PRETRAIN, description="foundation suite pretraining mix")]
+                    ] + [tfds.core.BuilderConfig(name=PRETRAIN_PREFIX + name, description=f"pretraining data: {name}")
+                         for name in tasks.PRETRAIN_MIX]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -47,20 +48,14 @@ class DrexTasks(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    if self.builder_config.name == PRETRAIN:
-      return {"train": self._generate_pretrain()}
-    return {split: self._generate_examples(split) for split in ("train", "test")}
+    name = self.builder_config.name
+    if name.startswith(PRETRAIN_PREFIX):
+      return {"train": self._generate_examples(name[len(PRETRAIN_PREFIX):], "pretrain", PRETRAIN_SIZE)}
+    return {split: self._generate_examples(name, split) for split in ("train", "test")}
 
-  def _generate_examples(self, split):
-    task = tasks.get(self.builder_config.name)
-    for i, (group, ex) in enumerate(tasks.examples(task, split)):
-      yield i, _record(task.name, group, ex)
-
-  def _generate_pretrain(self):
-    streams = [tasks.examples(tasks.get(name), "pretrain", PRETRAIN_SIZE) for name in tasks.PRETRAIN_MIX]
-    for i, draws in enumerate(zip(*streams)):
-      for j, (name, (group, ex)) in enumerate(zip(tasks.PRETRAIN_MIX, draws)):
-        yield i * len(streams) + j, _record(name, group, ex)
+  def _generate_examples(self, name, split, size=None):
+    for i, (group, ex) in enumerate(tasks.examples(tasks.get(name), split, size)):
+      yield i, _record(name, group, ex)
 
 
 _BLANK = Image.fromarray(render.canvas())
@@ -72,12 +67,24 @@ def _record(task: str, group: int, ex: tasks.Example) -> dict:
 
 
 def prepare(task: str, data_dir: str = DEFAULT_DATA_DIR) -> DrexTasks:
-  """Build (once) and return the builder of one task (or of PRETRAIN)."""
-  if task != PRETRAIN:
-    tasks.get(task)  # a clear error for unknown names
+  """Build (once) and return the builder of one task (or of its pretraining data, 'pretrain_<task>')."""
+  tasks.get(task.removeprefix(PRETRAIN_PREFIX))  # a clear error for unknown names
   builder = DrexTasks(config=task, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return builder
+
+
+def prepare_all(names: list[str], data_dir: str = DEFAULT_DATA_DIR, processes: int = 1) -> None:
+  """Build several tasks' datasets, in parallel processes when asked (generation is CPU-bound)."""
+  if processes <= 1 or len(names) <= 1:
+    for name in names:
+      prepare(name, data_dir)
+    return
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  with concurrent.futures.ProcessPoolExecutor(min(processes, len(names)),
+                                              mp_context=multiprocessing.get_context("spawn")) as pool:
+    list(pool.map(prepare, names, [data_dir] * len(names)))
 
 
 def data_source(task: str, split: str, data_dir: str = DEFAULT_DATA_DIR):

@@ -10,6 +10,7 @@ Eval batch (prompt only, left-padded to prompt_len): pixel_values, input_ids, at
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -54,9 +55,11 @@ class Encoder:
       out[i] = images_lib.normalize(tile)
     return out, len(tiles)
 
+  @functools.lru_cache(maxsize=65536)
   def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
     return self.tokenizer.encode(self.template.prompt(question, num_tiles * self.tokens_per_tile))
 
+  @functools.lru_cache(maxsize=65536)
   def target_ids(self, answer: str) -> list[int]:
     return self.tokenizer.encode(self.template.target(answer))
 
@@ -113,17 +116,24 @@ def _text(value) -> str:
 
 
 def train_batches(sources: Sequence, encoder: Encoder, seq_len: int, batch_size: int, seed: int,
-                  weights: Sequence[float] | None = None, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.DatasetIterator:
+                  weights: Sequence[float] | None = None, shard_index: int = 0, shard_count: int = 1,
+                  workers: int = 0) -> grain.DatasetIterator:
   """An endless, shuffled, checkpointable iterator of train batches over one or several sources.
 
-  Each process reads its own shard (`shard_index` of `shard_count`) and yields batch_size rows.
+  Each process reads its own shard (`shard_index` of `shard_count`) and yields batch_size rows;
+  `workers` > 0 formats batches in that many grain worker processes.
   """
   datasets = [grain.MapDataset.source(src)[shard_index::shard_count].seed(seed + i).shuffle().repeat()
               for i, src in enumerate(sources)]
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-  ds = ds.map(lambda r: encoder.train_example(r, seq_len)).batch(batch_size, drop_remainder=True)
+  ds = ds.map(functools.partial(_train_example, encoder, seq_len)).batch(batch_size, drop_remainder=True)
+  if workers:
+    return iter(ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
   return iter(ds)
+
+
+def _train_example(encoder: Encoder, seq_len: int, record: dict) -> dict[str, np.ndarray]:
+  return encoder.train_example(record, seq_len)
 
 
 def eval_batches(source, encoder: Encoder, prompt_len: int, batch_size: int, start: int = 0,

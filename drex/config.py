@@ -1,0 +1,121 @@
+"""Defaults and validation of a continual-learning stream config (`configs/*.py` build on these).
+
+Every field carries a one-line comment. `shrink(c)` turns any stream config into a seconds-to-minutes
+CPU run (the `:smoke` mode of the config files, used by CI).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from drex.adapters import lora, routing
+from drex.data import tasks
+from drex.errors import UserError
+
+METHODS = ("routing", "sequential", "mtl")
+
+
+def stream_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # PRNG seed: expert init and data order
+  c.tasks = ["shape_color", "chart_max", "count_shapes"]  # the specialized tasks, learned in this order
+  c.foundation = list(tasks.FOUNDATION)  # suite that measures what the base keeps
+  c.methods = list(METHODS)  # 'routing' (the method, + oracle), 'sequential' (one LoRA, task after task), 'mtl'
+
+  c.base = ml_collections.ConfigDict()
+  c.base.checkpoint = ""  # base checkpoint directory ('' = the tiny base shipped in drex/assets)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ""  # TFDS data directory ('' = ~/.cache/drex/tfds)
+  c.data.batch_size = 32  # training examples per step (global, all hosts)
+  c.data.eval_size = 256  # test examples per task (circular MC: rotations)
+  c.data.eval_batch_size = 256  # prompts per generation batch
+  c.data.max_new_tokens = 4  # generated tokens per answer
+  c.data.seq_len = 0  # token length of training sequences (0 = longest example of the stream)
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.r = 8  # LoRA rank
+  c.lora.lora_alpha = 16.0  # scale = lora_alpha / r (or / sqrt(r) with rslora)
+  c.lora.rslora = False  # rank-stabilized scaling
+  c.lora.target_modules = list(lora.ALL_TARGETS)  # LLM linears that get experts
+  c.lora.kernel = "xla"  # adapter-mixture implementation: 'xla' | 'pallas'
+
+  c.stage_a = ml_collections.ConfigDict()  # training one task's LoRA expert (also sequential / mtl)
+  c.stage_a.steps = 300  # optimizer steps per task
+  c.stage_a.learning_rate = 1e-3  # peak AdamW learning rate
+  c.stage_a.warmup_steps = 30  # linear warmup steps
+  c.stage_a.weight_decay = 0.0  # AdamW weight decay
+
+  c.stage_b = ml_collections.ConfigDict()  # training the routing vectors of the frozen expert
+  c.stage_b.steps = 100  # PHATGOOSE: 100 steps
+  c.stage_b.learning_rate = 5e-3  # PHATGOOSE: 5e-3 (mttl uses 1e-3)
+  c.stage_b.warmup_steps = 6  # ~6% warmup
+  c.stage_b.weight_decay = 0.0  # no decay on routing vectors
+
+  c.router = ml_collections.ConfigDict()  # inference-time routing of the 'routing' method
+  c.router.kind = "topk"  # 'topk' (PHATGOOSE), 'arrow' (training-free), 'dense' (uniform merge)
+  c.router.k = 2  # experts kept per token
+  c.router.temperature = 1.0  # softmax temperature of the routing scores
+  c.router.null_expert = False  # the base competes as a zero-output expert (prototype of base activations)
+  c.router.null_sample = 512  # foundation-suite training prompts (unlabeled) that make the null prototype
+
+  c.mtl = ml_collections.ConfigDict()
+  c.mtl.steps = 0  # steps on the union of all tasks (0 = tasks x stage_a.steps)
+
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.routing_batch = 64  # prompts per task for the routing-weight plots
+  return c
+
+
+def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A CPU smoke run of the same stream: one short task, small evaluations."""
+  c.tasks = c.tasks[:1]
+  c.stage_a.steps, c.stage_a.warmup_steps = 12, 2
+  c.stage_b.steps, c.stage_b.warmup_steps = 6, 1
+  c.data.batch_size = 8
+  c.data.eval_size = 32
+  c.data.eval_batch_size = 32
+  c.router.null_sample = 32
+  c.analysis.routing_batch = 8
+  return c
+
+
+def apply_mode(c: ml_collections.ConfigDict, mode: str | None) -> ml_collections.ConfigDict:
+  if mode in (None, "", "full"):
+    return c
+  if mode == "smoke":
+    return shrink(c)
+  raise UserError(f"unknown config mode {mode!r}; use 'full' or 'smoke'")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Check values the config schema cannot (names, ranges); raise a one-line UserError."""
+  for name in list(c.tasks) + list(c.foundation):
+    if name not in tasks.TASKS:
+      raise UserError(f"unknown task {name!r} in config; known tasks: {', '.join(tasks.TASKS)}")
+  if not c.tasks:
+    raise UserError("config.tasks is empty; name at least one task")
+  if len(set(c.tasks)) != len(c.tasks):
+    raise UserError(f"config.tasks repeats a task: {list(c.tasks)}")
+  for m in c.methods:
+    if m not in METHODS:
+      raise UserError(f"unknown method {m!r} in config.methods; use any of {METHODS}")
+  unknown = set(c.lora.target_modules) - set(lora.ALL_TARGETS)
+  if unknown:
+    raise UserError(f"unknown lora.target_modules {sorted(unknown)}; choose from {lora.ALL_TARGETS}")
+  if c.lora.kernel not in ("xla", "pallas"):
+    raise UserError(f"unknown lora.kernel {c.lora.kernel!r}; use 'xla' or 'pallas'")
+  if c.router.kind not in ("topk", "arrow", "dense"):
+    raise UserError(f"config.router.kind must be 'topk', 'arrow' or 'dense', got {c.router.kind!r}")
+  for key, value in [("lora.r", c.lora.r), ("router.k", c.router.k), ("stage_a.steps", c.stage_a.steps),
+                     ("stage_b.steps", c.stage_b.steps), ("data.batch_size", c.data.batch_size)]:
+    if value < 1:
+      raise UserError(f"config.{key} must be >= 1, got {value}")
+
+
+def inference_routing(c: ml_collections.ConfigDict, num_experts: int) -> routing.Routing:
+  """The router the 'routing' method evaluates with, over `num_experts` experts."""
+  if c.router.kind == "dense":
+    return routing.Routing("dense", weights=(1.0 / num_experts,) * num_experts)
+  return routing.Routing(c.router.kind, k=c.router.k, temperature=c.router.temperature,
+                         null_expert=c.router.null_expert and c.router.kind == "topk")

@@ -1,0 +1,380 @@
+"""The task-sequential driver behind `python -m drex.train`.
+
+For each task of the stream: stage A (a new LoRA expert on that task's data only, base frozen),
+stage B (its routing vectors, expert frozen), save, evaluate every task and the foundation suite
+(one accuracy-matrix row). Baselines: `sequential` (one LoRA fine-tuned task after task) and `mtl`
+(one LoRA on the union of all tasks). Finished adapters are reused on a re-run, so re-running a
+finished workdir only re-evaluates (with the router settings of the current config).
+
+Workdir layout:
+  base/                       the frozen base as used (written once)
+  adapters/<task>/            routing expert of each task: experts/, router/, metadata.json
+  baselines/sequential/<i>_<task>/, baselines/mtl/   the baselines' LoRAs
+  null_router/                prototypes of the base as a zero-output expert (router.null_expert)
+  results.json, report.md, plots/, tensorboard/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorboardX import SummaryWriter
+
+from drex import base as base_lib
+from drex import cl_metrics, config as config_lib, evaluation, report
+from drex.adapters import lora
+from drex.adapters.routing import Routing, standardize
+from drex.checkpoints import store
+from drex.data import builder, pipeline, tasks
+from drex.errors import UserError
+from drex.training import trainer
+
+log = logging.getLogger(__name__)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def fingerprint(*parts: Any) -> str:
+  """Stable hash of the config parts an artifact was trained with."""
+  text = json.dumps(parts, sort_keys=True, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Stream:
+  """One run of a stream config in a workdir."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, eval_only: bool = False):
+    config_lib.validate(cfg)
+    self.cfg = cfg
+    self.workdir = workdir
+    self.eval_only = eval_only  # never train: every adapter must be in the workdir already
+    self.timings: dict[str, float] = {}
+    self._steps: dict[Any, Any] = {}
+    if eval_only and not os.path.isdir(os.path.join(workdir, "base")):
+      raise UserError(f"{workdir} holds no trained run (no base/); run drex.train with this --workdir first")
+    os.makedirs(workdir, exist_ok=True)
+    if not eval_only and jax.process_index() == 0:
+      store.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    tfds.disable_progress_bar()
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+    with self._timed("load_base"):
+      self.base = self._load_base()
+    with self._timed("data"):
+      self._prepare_data()
+    self.evaluator = evaluation.Evaluator(self.encoder, self.prompt_len, cfg.data.eval_batch_size,
+                                          cfg.data.max_new_tokens)
+
+  # ------------------------------------------------------------------ set-up
+
+  @contextlib.contextmanager
+  def _timed(self, key: str):
+    begin = time.time()
+    try:
+      yield
+    finally:
+      self.timings[key] = self.timings.get(key, 0.0) + time.time() - begin
+
+  def _load_base(self) -> base_lib.Base:
+    """The frozen base, stored once in WORKDIR/base (later runs load that copy)."""
+    cfg = self.cfg
+    source = os.path.abspath(cfg.base.checkpoint or base_lib.shipped_path())
+    stored = os.path.join(self.workdir, "base")
+    record = os.path.join(self.workdir, "base_source.json")
+    if os.path.isdir(stored):
+      recorded = store.read_json(record, "base record")["source"]
+      if recorded != source:
+        raise UserError(f"{self.workdir} was made with base {recorded}, the config names {source}; "
+                        f"use a new --workdir")
+      return base_lib.load(stored)
+    base = base_lib.load(source)
+    if jax.process_index() == 0:
+      store.save_base(stored, base.params, base.info, base.tokenizer)
+      store.write_json(record, {"source": source})
+    log.info("base %s: %.2fM params, template %s", source, lora.count_params(base.params) / 1e6, base.info.template)
+    return base
+
+  def _prepare_data(self) -> None:
+    cfg = self.cfg
+    data_dir = cfg.data.data_dir or builder.DEFAULT_DATA_DIR
+    self.encoder = self.base.encoder()
+    names = list(cfg.tasks) + [f for f in cfg.foundation if f not in cfg.tasks]
+    self.train_sources = {t: builder.data_source(t, "train", data_dir) for t in cfg.tasks}
+    self.eval_sets = {n: evaluation.make_eval_set(n, tasks.get(n).metric, builder.data_source(n, "test", data_dir),
+                                                  jax.process_index(), jax.process_count(), cfg.data.eval_size)
+                      for n in names}
+    self.columns = names
+    if cfg.data.batch_size % jax.process_count():
+      raise UserError(f"data.batch_size {cfg.data.batch_size} is not divisible by {jax.process_count()} processes")
+    self.host_batch = cfg.data.batch_size // jax.process_count()
+    train_len = max(self.encoder.lengths(s)[1] for s in self.train_sources.values())
+    self.seq_len = cfg.data.seq_len or _round_up(train_len, 8)
+    self.prompt_len = _round_up(max(self.encoder.lengths(e.source)[0] for e in self.eval_sets.values()), 8)
+    log.info("data: tasks %s, foundation %s; seq_len %d, prompt_len %d", list(cfg.tasks), list(cfg.foundation),
+             self.seq_len, self.prompt_len)
+
+  # ------------------------------------------------------------------ models and training
+
+  def adapter_spec(self, routing: Routing) -> lora.AdapterSpec:
+    c = self.cfg.lora
+    return lora.AdapterSpec(routing, c.lora_alpha, c.rslora, c.kernel)
+
+  def _batches(self, names: list[str], seed: int):
+    sources = [self.train_sources[n] for n in names]
+    return pipeline.train_batches(sources, self.encoder, self.seq_len, self.host_batch, seed,
+                                  weights=[1.0] * len(sources) if len(sources) > 1 else None,
+                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  def _fit(self, label: str, routing: Routing, trained: str, init: Any, frozen: dict, optim: trainer.OptimConfig,
+           names: list[str], seed: int) -> tuple[Any, dict]:
+    model = self.base.model(self.adapter_spec(routing))
+    key = (model.adapter, trained, optim)
+    if key not in self._steps:
+      optimizer = trainer.make_optimizer(optim)
+      self._steps[key] = (optimizer, jax.jit(trainer.make_train_step(model, trained, optimizer), donate_argnums=(0,)))
+    optimizer, step = self._steps[key]
+    state = trainer.init_state(init, optimizer)
+    state, summary = trainer.train(label, None, state, frozen, self._batches(names, seed), optim.steps,
+                                   writer=self.writer, jit_step=step)
+    return state.params, summary
+
+  def _stage_a_optim(self, steps: int | None = None) -> trainer.OptimConfig:
+    c = self.cfg.stage_a
+    return trainer.OptimConfig(steps or c.steps, c.learning_rate, c.warmup_steps, c.weight_decay)
+
+  def _new_expert(self, index: int) -> Any:
+    rng = jax.random.fold_in(jax.random.key(self.cfg.seed), index)
+    return lora.init_experts(self.base.params, self.cfg.lora.r, list(self.cfg.lora.target_modules), rng)
+
+  def _train_expert(self, label: str, init: Any, names: list[str], seed: int, steps: int | None = None):
+    return self._fit(label, Routing("single", 0), "experts", init, {"params": self.base.params},
+                     self._stage_a_optim(steps), names, seed)
+
+  def _train_router(self, label: str, experts: Any, task: str, seed: int):
+    c = self.cfg.stage_b
+    optim = trainer.OptimConfig(c.steps, c.learning_rate, c.warmup_steps, c.weight_decay)
+    return self._fit(label, Routing("sigmoid_gate", 0), "router", lora.init_router(experts),
+                     {"params": self.base.params, "experts": experts}, optim, [task], seed)
+
+  def _expert_shapes(self) -> Any:
+    return jax.eval_shape(lambda: self._new_expert(0))
+
+  def _load_or_train(self, directory: str, fp: str, train_fn, with_router: bool) -> tuple[Any, Any]:
+    """Reuse a finished adapter checkpoint with the same fingerprint, else train and save it."""
+    if os.path.isdir(directory):
+      expected = self._expert_shapes()
+      experts, router, meta = store.load_adapter(directory, expected,
+                                                 lora.init_router(expected) if with_router else None)
+      if meta.get("fingerprint") != fp:
+        raise UserError(f"{directory} was trained with a different config (fingerprint {meta.get('fingerprint')} "
+                        f"!= {fp}); use a new --workdir or delete that adapter")
+      log.info("reusing %s", directory)
+      return experts, router
+    if self.eval_only:
+      raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
+    experts, router, meta = train_fn()
+    if jax.process_index() == 0:
+      store.save_adapter(directory, experts, router, {**meta, "fingerprint": fp})
+    return experts, router
+
+  def _lora_meta(self, **extra) -> dict:
+    c = self.cfg.lora
+    return {"r": c.r, "lora_alpha": c.lora_alpha, "rslora": c.rslora, "target_modules": list(c.target_modules),
+            "base": self.base.info.provenance.get("command", self.base.path), **extra}
+
+  def _train_fp(self, *parts) -> str:
+    c = self.cfg
+    return fingerprint(c.seed, c.lora, c.stage_a, c.data.batch_size, self.seq_len, *parts)
+
+  # ------------------------------------------------------------------ evaluation
+
+  def evaluate_row(self, routing: Routing | None, variables: dict, columns: list[str] | None = None) -> list[float]:
+    model = self.base.model(self.adapter_spec(routing or Routing("single", 0)))
+    scores = []
+    for name in columns or self.columns:
+      scores.append(self.evaluator.score(model, {"params": self.base.params, **variables}, self.eval_sets[name]))
+    return scores
+
+  def _log_row(self, method: str, index: int, row: list[float]) -> None:
+    label = "before any task" if index == 0 else f"after {self.cfg.tasks[index - 1]}"
+    log.info("[%s] %s: %s", method, label, ", ".join(f"{c} {v:.3f}" for c, v in zip(self.columns, row)))
+    if self.writer is not None:
+      for c, v in zip(self.columns, row):
+        self.writer.add_scalar(f"{method}/{c}", v, index)
+
+  def null_prototypes(self) -> Any:
+    """Mean standardized input of each adapted linear over unlabeled foundation prompts: [d_in] each."""
+    directory = os.path.join(self.workdir, "null_router")
+    expected = _rename_leaves(jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype),
+                                                     lora.init_router(self._expert_shapes())), "v", "null_v")
+    if os.path.isdir(directory):
+      return store.read_tree(directory, expected, "null-expert prototypes")
+    data_dir = self.cfg.data.data_dir or builder.DEFAULT_DATA_DIR
+    sources = [builder.data_source(f, "train", data_dir) for f in self.cfg.foundation]
+    per = max(1, self.cfg.router.null_sample // len(sources))
+    batches = [b for s in sources for b in pipeline.eval_batches(s, self.encoder, self.prompt_len, per, 0, per)]
+    model = self.base.model()
+    experts = self._new_expert(0)  # its inputs are the same as the base's; B = 0 adds nothing
+    sums: dict[tuple[str, ...], Any] = {}
+    count = 0.0
+
+    @jax.jit
+    def inputs(px, ids, mask):
+      from drex.models.generation import prompt_positions  # pylint: disable=g-import-not-at-top
+      _, st = model.apply({"params": self.base.params, "experts": experts}, px, ids, prompt_positions(mask),
+                          mask.astype(bool), mutable=["intermediates"])
+      flat = flax.traverse_util.flatten_dict(st["intermediates"])
+      w = mask.astype(jnp.float32)[..., None]
+      return {p[:-1]: (standardize(v[0]) * w).sum((0, 1)) for p, v in flat.items() if p[-1] == "inputs"}, w.sum()
+
+    for b in batches:
+      s, n = inputs(b["pixel_values"], b["input_ids"], b["attention_mask"])
+      for k, v in s.items():
+        sums[k] = sums.get(k, 0.0) + v
+      count += float(n)
+    protos = flax.traverse_util.unflatten_dict({k + ("null_v",): v / count for k, v in sums.items()})
+    if jax.process_index() == 0:
+      staging = directory + ".tmp"
+      store.write_tree(staging, protos)
+      store.commit(staging, directory)
+    return protos
+
+  # ------------------------------------------------------------------ methods
+
+  def run_routing(self, results: dict, base_row: list[float]) -> None:
+    cfg = self.cfg
+    experts, routers, rows = [], [], [base_row]
+    oracle = {}
+    null = self.null_prototypes() if cfg.router.null_expert and cfg.router.kind == "topk" else None
+    for i, task in enumerate(cfg.tasks):
+      directory = os.path.join(self.workdir, "adapters", task)
+
+      def train(i=i, task=task):
+        with self._timed("routing/stage_a"):
+          ex, sa = self._train_expert(f"[routing] {task} stage A", self._new_expert(i), [task], cfg.seed + i)
+        with self._timed("routing/stage_b"):
+          rt, sb = self._train_router(f"[routing] {task} stage B", ex, task, cfg.seed + i)
+        return ex, rt, self._lora_meta(task=task, index=i, stage_a=sa, stage_b=sb)
+
+      ex, rt = self._load_or_train(directory, self._train_fp(task, i, cfg.stage_b), train, with_router=True)
+      experts.append(ex)
+      routers.append(rt)
+      with self._timed("routing/eval"):
+        oracle[task] = self.evaluate_row(Routing("single", 0), {"experts": ex}, [task])[0]
+        routing = config_lib.inference_routing(cfg, len(experts))
+        router_tree = lora.stack(routers)
+        if null is not None:
+          router_tree = _merge(router_tree, null)
+        variables = {"experts": lora.stack(experts), "router": router_tree}
+        rows.append(self.evaluate_row(routing, variables))
+      self._log_row("routing", i + 1, rows[-1])
+      log.info("[routing] oracle %s: %.3f", task, oracle[task])
+    results["methods"]["routing"] = self._method_entry(rows)
+    results["oracle"] = oracle
+    with self._timed("routing/analysis"):
+      results.setdefault("routing_profiles", {})["routing"] = self._routing_profiles(routing, variables)
+
+  def run_sequential(self, results: dict, base_row: list[float]) -> None:
+    cfg = self.cfg
+    rows = [base_row]
+    current = self._new_expert(0)
+    for i, task in enumerate(cfg.tasks):
+      directory = os.path.join(self.workdir, "baselines", "sequential", f"{i}_{task}")
+      reuse = os.path.join(self.workdir, "adapters", task)
+
+      def train(i=i, task=task, start=current):
+        with self._timed("sequential/train"):
+          ex, sa = self._train_expert(f"[sequential] {task}", start, [task], cfg.seed + i)
+        return ex, None, self._lora_meta(task=task, index=i, stage_a=sa)
+
+      if i == 0 and os.path.isdir(reuse):  # identical to the routing method's first expert (same init/data/steps)
+        current, _ = self._load_or_train(reuse, self._train_fp(task, 0, cfg.stage_b), None, with_router=True)
+      else:
+        current, _ = self._load_or_train(directory, self._train_fp("sequential", list(cfg.tasks[:i + 1])), train,
+                                         with_router=False)
+      with self._timed("sequential/eval"):
+        rows.append(self.evaluate_row(Routing("single", 0), {"experts": current}))
+      self._log_row("sequential", i + 1, rows[-1])
+    results["methods"]["sequential"] = self._method_entry(rows)
+
+  def run_mtl(self, results: dict, base_row: list[float]) -> None:
+    cfg = self.cfg
+    steps = cfg.mtl.steps or cfg.stage_a.steps * len(cfg.tasks)
+    directory = os.path.join(self.workdir, "baselines", "mtl")
+
+    def train():
+      with self._timed("mtl/train"):
+        ex, sa = self._train_expert("[mtl] all tasks", self._new_expert(0), list(cfg.tasks), cfg.seed, steps)
+      return ex, None, self._lora_meta(tasks=list(cfg.tasks), stage_a=sa)
+
+    ex, _ = self._load_or_train(directory, self._train_fp("mtl", list(cfg.tasks), steps), train, with_router=False)
+    with self._timed("mtl/eval"):
+      row = self.evaluate_row(Routing("single", 0), {"experts": ex})
+    self._log_row("mtl", len(cfg.tasks), row)
+    results["methods"]["mtl"] = self._method_entry([base_row, row], rows=["base", "all tasks"], sequential=False)
+
+  def _method_entry(self, matrix: list[list[float]], rows: list[str] | None = None, sequential: bool = True) -> dict:
+    labels = rows or ["base"] + [f"after {t}" for t in self.cfg.tasks]
+    entry = {"columns": list(self.columns), "rows": labels, "matrix": matrix}
+    entry.update(cl_metrics.summarize(matrix, len(self.cfg.tasks), sequential))
+    return entry
+
+  def _routing_profiles(self, routing: Routing, variables: dict) -> dict:
+    model = self.base.model(self.adapter_spec(routing))
+    profiles = {}
+    for name in self.columns:
+      eval_set = self.eval_sets[name]
+      batch = next(pipeline.eval_batches(eval_set.source, self.encoder, self.prompt_len,
+                                         self.cfg.analysis.routing_batch, 0, self.cfg.analysis.routing_batch))
+      p = evaluation.routing_profile(model, {"params": self.base.params, **variables}, batch)
+      if routing.null_expert:
+        p = np.concatenate([p, 1.0 - p.sum(-1, keepdims=True)], -1)
+      profiles[name] = p.round(4).tolist()
+    experts = list(self.cfg.tasks) + (["base (null)"] if routing.null_expert else [])
+    return {"experts": experts, "profiles": profiles}
+
+  # ------------------------------------------------------------------ the run
+
+  def run(self, results_name: str = "results.json") -> dict:
+    """Train what is missing, evaluate everything, write results_name, report.md and plots."""
+    begin = time.time()
+    cfg = self.cfg
+    results: dict[str, Any] = {"tasks": list(cfg.tasks), "foundation": list(cfg.foundation), "methods": {},
+                               "oracle": {}, "config": cfg.to_dict()}
+    with self._timed("base/eval"):
+      base_row = self.evaluate_row(None, {})
+    self._log_row("base", 0, base_row)
+    for method in cfg.methods:
+      getattr(self, f"run_{method}")(results, base_row)
+    self.timings["total"] = time.time() - begin + self.timings.get("load_base", 0) + self.timings.get("data", 0)
+    results["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
+    if jax.process_index() == 0:
+      store.write_json(os.path.join(self.workdir, results_name), results)
+      if results_name == "results.json":
+        report.write_all(self.workdir, results)
+      self.writer.close()
+    return results
+
+
+def _rename_leaves(tree: dict, old: str, new: str) -> dict:
+  flat = flax.traverse_util.flatten_dict(tree)
+  return flax.traverse_util.unflatten_dict({(p[:-1] + (new,) if p[-1] == old else p): v for p, v in flat.items()})
+
+
+def _merge(a: dict, b: dict) -> dict:
+  flat = flax.traverse_util.flatten_dict(a)
+  flat.update(flax.traverse_util.flatten_dict(b))
+  return flax.traverse_util.unflatten_dict(flat)

@@ -1,0 +1,180 @@
+"""LoRA expert trees, routers and the routed adapted linear: the equivalences the method rests on."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drex import testing
+from drex.adapters import lora, routing
+from drex.adapters.routing import Routing
+from drex.models import generation, vlm
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = testing.micro_config()
+  b = testing.micro_batch(cfg)
+  args = (b["pixel_values"], b["input_ids"], generation.prompt_positions(b["attention_mask"]),
+          b["attention_mask"].astype(bool))
+  params = nn.unbox(vlm.VLM(cfg).init(jax.random.key(0), *args))["params"]
+  return cfg, params, args
+
+
+def _logits(cfg, variables, args, route=Routing("single", 0)):
+  return vlm.VLM(cfg, lora.AdapterSpec(route, lora_alpha=4.0)).apply(variables, *args)[0]
+
+
+def test_init_experts_shapes_and_targets(setup):
+  _, params, _ = setup
+  ex = lora.init_experts(params, 3, ["q_proj", "down_proj"], jax.random.key(1), num_experts=2)
+  layer = ex["language_model"]["layers_0"]
+  chex.assert_shape(layer["self_attn"]["q_proj"]["lora_a"], (2, 32, 3))
+  chex.assert_shape(layer["self_attn"]["q_proj"]["lora_b"], (2, 3, 32))
+  chex.assert_shape(layer["mlp"]["down_proj"]["lora_a"], (2, 48, 3))
+  assert "k_proj" not in layer["self_attn"] and "gate_proj" not in layer["mlp"]
+  assert float(jnp.abs(layer["self_attn"]["q_proj"]["lora_b"]).max()) == 0.0
+  bound = 1 / np.sqrt(32)
+  assert float(jnp.abs(layer["self_attn"]["q_proj"]["lora_a"]).max()) <= bound
+  all_ex = lora.init_experts(params, 3, lora.ALL_TARGETS, jax.random.key(1))
+  assert len(jax.tree_util.tree_leaves(all_ex)) == 2 * 7 * 2  # (A, B) x 7 linears x 2 layers
+
+
+def test_unknown_target_module_is_an_error(setup):
+  _, params, _ = setup
+  with pytest.raises(ValueError, match="unknown LoRA target_modules"):
+    lora.init_experts(params, 2, ["qkv"], jax.random.key(0))
+
+
+def test_zero_b_lora_equals_base(setup):
+  cfg, params, args = setup
+  ex = lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1))
+  np.testing.assert_array_equal(_logits(cfg, {"params": params, "experts": ex}, args),
+                                _logits(cfg, {"params": params}, args))
+
+
+def test_single_routing_equals_plain_lora_merged_into_base(setup):
+  cfg, params, args = setup
+  ex = testing.random_like(lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1)), seed=3)
+  routed = _logits(cfg, {"params": params, "experts": ex}, args)
+  merged = lora.merge_into_base(params, ex, 0, scale=4.0 / 4)
+  np.testing.assert_allclose(routed, _logits(cfg, {"params": merged}, args), atol=2e-5)
+  assert float(jnp.abs(routed - _logits(cfg, {"params": params}, args)).max()) > 1e-3
+
+
+def test_single_picks_the_named_expert_of_a_stack(setup):
+  cfg, params, args = setup
+  e0 = testing.random_like(lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1)), seed=3)
+  e1 = testing.random_like(e0, seed=4)
+  stacked = lora.stack([e0, e1])
+  np.testing.assert_allclose(_logits(cfg, {"params": params, "experts": stacked}, args, Routing("single", 1)),
+                             _logits(cfg, {"params": params, "experts": e1}, args), atol=1e-5)
+  chex.assert_trees_all_close(lora.take(stacked, 1), e1)
+
+
+def test_topk_with_one_expert_and_k1_equals_single(setup):
+  cfg, params, args = setup
+  ex = testing.random_like(lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1)), seed=3)
+  router = testing.random_like(lora.init_router(ex), seed=5)
+  variables = {"params": params, "experts": ex, "router": router}
+  np.testing.assert_allclose(_logits(cfg, variables, args, Routing("topk", k=1)),
+                             _logits(cfg, {"params": params, "experts": ex}, args), atol=1e-6)
+
+
+def test_sigmoid_gate_scales_the_expert_branch(setup):
+  cfg, params, args = setup
+  ex = testing.random_like(lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1)), seed=3)
+  zero_router = lora.init_router(ex)  # sigmoid(0) = 0.5 everywhere
+  half = lora.merge_into_base(params, ex, 0, scale=0.5 * 4.0 / 4)
+  np.testing.assert_allclose(
+      _logits(cfg, {"params": params, "experts": ex, "router": zero_router}, args, Routing("sigmoid_gate", 0)),
+      _logits(cfg, {"params": half}, args), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- router semantics
+
+
+def _scores_setup(t=9, d=12, e=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.normal(size=(t, d)), jnp.float32), jnp.asarray(rng.normal(size=(e, d)), jnp.float32)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_topk_weights_sum_to_one_with_k_nonzeros(k):
+  x, v = _scores_setup()
+  g = routing.compute_gates(Routing("topk", k=k), x, 4, v=v)
+  np.testing.assert_allclose(g.sum(-1), 1.0, atol=1e-6)
+  assert ((g > 0).sum(-1) == k).all()
+
+
+def test_topk_is_invariant_to_affine_rescaling():
+  x, v = _scores_setup()
+  g = routing.compute_gates(Routing("topk"), x, 4, v=v)
+  g2 = routing.compute_gates(Routing("topk"), 3.0 * x + 2.0, 4, v=0.5 * v - 1.0)
+  np.testing.assert_allclose(g, g2, atol=1e-5)
+
+
+def test_topk_renormalization_is_softmax_over_kept_scores():
+  x, v = _scores_setup()
+  scores = routing.phatgoose_scores(x, v, 1.0)
+  g = routing.compute_gates(Routing("topk", k=2), x, 4, v=v)
+  for t in range(x.shape[0]):
+    kept = np.argsort(-np.asarray(scores[t]))[:2]
+    expected = np.exp(scores[t, kept]) / np.exp(scores[t, kept]).sum()
+    np.testing.assert_allclose(g[t, kept], expected, atol=1e-6)
+
+
+def test_identical_vectors_split_evenly():
+  x, v = _scores_setup(e=1)
+  g = routing.compute_gates(Routing("topk", k=2), x, 3, v=jnp.repeat(v, 3, 0))
+  np.testing.assert_allclose(np.sort(np.asarray(g), -1)[:, 1:], 0.5, atol=1e-6)
+
+
+def test_phatgoose_scores_standardize_and_scale():
+  x, v = _scores_setup()
+  std = lambda a: (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5)
+  expected = std(np.asarray(x)) @ std(np.asarray(v)).T / np.sqrt(12)
+  np.testing.assert_allclose(routing.phatgoose_scores(x, v, 1.0), expected, atol=1e-5)
+
+
+def test_null_expert_takes_weight_and_contributes_nothing():
+  x, v = _scores_setup()
+  null_v = x.mean(0)  # a prototype close to every token
+  g = routing.compute_gates(Routing("topk", k=2, null_expert=True), x, 4, v=v, null_v=null_v)
+  chex.assert_shape(g, (9, 4))
+  assert (g.sum(-1) < 1.0 - 1e-3).any()  # part of the mass went to the base
+  assert (g.sum(-1) <= 1.0 + 1e-6).all()
+  with pytest.raises(ValueError, match="null-expert prototype"):
+    routing.compute_gates(Routing("topk", null_expert=True), x, 4, v=v)
+
+
+def test_arrow_prototype_is_top_singular_vector_and_sign_invariant():
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(3, 10, 4)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(3, 4, 7)), jnp.float32)
+  protos = routing.arrow_prototypes(a, b)
+  for e in range(3):
+    u, _, _ = np.linalg.svd(np.asarray(a[e]) @ np.asarray(b[e]))
+    assert abs(abs(float(np.dot(protos[e], u[:, 0]))) - 1.0) < 1e-4
+  x = jnp.asarray(rng.normal(size=(5, 10)), jnp.float32)
+  np.testing.assert_allclose(routing.compute_gates(Routing("arrow", k=2), x, 3, a=a, b=b),
+                             routing.compute_gates(Routing("arrow", k=2), -x, 3, a=a, b=b), atol=1e-6)
+
+
+def test_router_config_errors():
+  with pytest.raises(ValueError, match="unknown router 'phatgoose'"):
+    Routing("phatgoose")
+  with pytest.raises(ValueError, match="picks expert 3 but only 2"):
+    routing.compute_gates(Routing("single", 3), jnp.ones((2, 4)), 2)
+  with pytest.raises(ValueError, match="2 weights for 3 experts"):
+    routing.compute_gates(Routing("dense", weights=(0.5, 0.5)), jnp.ones((2, 4)), 3)
+
+
+def test_stack_rejects_different_structures(setup):
+  _, params, _ = setup
+  a = lora.init_experts(params, 2, ["q_proj"], jax.random.key(0))
+  b = lora.init_experts(params, 2, ["k_proj"], jax.random.key(0))
+  with pytest.raises(ValueError, match="adapts different layers"):
+    lora.stack([a, b])

@@ -18,7 +18,8 @@ Public functions (all jit-able, all differentiable through `jax.custom_vjp`):
   (multi-task serving); the index picks the expert's weights inside the kernel (scalar prefetch on
   TPU, a scalar load on GPU — the Triton backend has no scalar prefetch).
 * `choose_kernel(...)`: 'pallas' or 'xla' for a shape, from the H100 measurements in
-  `benchmarks/results/`.
+  `benchmarks/results/` (the kernels win only for single-token decode with sparse gates; XLA
+  is faster or equal everywhere else that was measured — see the table there).
 
 Implementation, per backend (detected with `jax.default_backend()`, or forced with `backend=`):
 
@@ -135,26 +136,30 @@ def default_tiles(num_tokens: int, d_in: int, d_out: int, rank: int, num_experts
                  k_splits=1, block_n=min(512, _round_up(d_out, 128)), experts_per_up=1)
   # GPU.
   itemsize = jnp.dtype(dtype).itemsize
-  decode = num_tokens <= 64
-  bt = max(16, _pow2(num_tokens)) if decode else 64
   bk = 64 if itemsize <= 2 else 32
-  if decode:
-    ge = 1  # skip granularity = one expert
-  else:
+  if num_tokens > 64:  # prefill: one x pass per expert group, large output tiles
     ge = 1
     while ge * 2 <= e2 and ge * 2 * rp <= 128:
       ge *= 2
-  n_t = _cdiv(num_tokens, bt)
-  programs = n_t * _cdiv(num_experts, ge)
+    gc = max(1, min(e2, 64 // rp))
+    return Tiles(block_t=64, block_k=bk, experts_per_down=ge, k_splits=1, block_n=128,
+                 experts_per_up=gc, num_warps=4, num_stages=3)
+  # decode: one expert per down program (skip granularity), d_in split across programs for
+  # parallelism, long rank chunks in the up loop (few serial steps); the up kernel sums the
+  # k_splits partials of each z chunk, so splits x chunk bytes are bounded (shared memory).
+  bt = max(16, _pow2(num_tokens))
+  bc = max(rp, 128 if bt <= 16 else 64)
+  gc = max(1, min(e2, bc // rp))
+  chunk_bytes = bt * gc * rp * 4 * 3  # one z partial, 3 pipeline stages
+  max_splits = max(1, (96 * 1024) // chunk_bytes)
+  programs = _cdiv(num_experts, 1)
   k_steps = _cdiv(d_in, bk)
   ks = 1
-  while programs * ks * 2 <= 2 * _GPU_SM_COUNT and k_steps // (ks * 2) >= 4:
+  while (ks * 2 <= max_splits and programs * ks * 2 <= 2 * _GPU_SM_COUNT
+         and k_steps // (ks * 2) >= 4):
     ks *= 2
-  bn = 64 if decode else 128
-  while decode and bn > 16 and _cdiv(d_out, bn) * n_t < _GPU_SM_COUNT:
-    bn //= 2
-  gc = max(1, min(e2, 64 // rp))
-  return Tiles(block_t=bt, block_k=bk, experts_per_down=ge, k_splits=ks, block_n=bn,
+  bn = 32 if d_out >= 32 * _GPU_SM_COUNT // 2 else 16
+  return Tiles(block_t=bt, block_k=bk, experts_per_down=1, k_splits=ks, block_n=bn,
                experts_per_up=gc, num_warps=4, num_stages=3)
 
 
@@ -592,6 +597,7 @@ def _tpu_forward(cfg: _Cfg, x, a, b, gates, scale, w=None, bias=None):
 def _blk_seq_down_kernel(idx_ref, gs_ref, x_ref, a_ref, z_ref, *, precision):
   del idx_ref
   k = pl.program_id(2)
+  gsv = gs_ref[pl.program_id(0)]
 
   @pl.when(k == 0)
   def _():
@@ -601,7 +607,7 @@ def _blk_seq_down_kernel(idx_ref, gs_ref, x_ref, a_ref, z_ref, *, precision):
 
   @pl.when(k == pl.num_programs(2) - 1)
   def _():
-    z_ref[...] = z_ref[...] * gs_ref[pl.program_id(0)]
+    z_ref[...] = z_ref[...] * gsv
 
 
 def _blk_seq_up_kernel(idx_ref, gs_ref, z_ref, b_ref, y_ref, *, precision):
@@ -893,14 +899,28 @@ def per_sequence_lora(x: jax.Array, a: jax.Array, b: jax.Array, expert_index: ja
 
 
 def choose_kernel(num_tokens: int, d_in: int, d_out: int, rank: int, num_experts: int,
-                  dtype: Any, backend: str | None = None) -> str:
-  """'pallas' or 'xla' for one adapted linear, from the measurements in benchmarks/results/.
+                  dtype: Any, backend: str | None = None, *, top_k: int | None = None) -> str:
+  """'pallas' or 'xla' for one adapted linear, from the H100 measurements in benchmarks/results/.
 
-  Only GPU has measurements; on CPU the Pallas kernels run in interpret mode (slow) and on TPU
-  they are untested, so both return 'xla'. See benchmarks/README.md for the table behind this.
+  Measured on an H100 80GB HBM3 (jax 0.11.2, `benchmarks/adapter_mixture.py --quick --tune`),
+  speed-up of the Pallas kernels over the best plain-JAX path (xla_dense / ragged_dot / loop):
+    prefill (T = 4096..16384), bf16: 0.64-0.83x; float32: 0.28x          -> 'xla'
+    decode T=16..64, E=8..32, r=16..64: 0.62-0.98x                        -> 'xla'
+    decode T=8, dense gates (k=E=16): 1.00x                               -> 'xla'
+    decode T=1, sparse top-k (E=32 k=2 r=64; E=8 k=1 r=16), bf16: 1.11x, 1.08x -> 'pallas'
+  The only wins come from skipping the experts a single token is not routed to; XLA's dense
+  path reads every expert. So: 'pallas' on GPU for one token per call (per adapted linear) with
+  sparse gates (`top_k` < num_experts, or `top_k` unknown) in a 16-bit dtype; 'xla' otherwise.
+  CPU runs the kernels interpreted (slow) and TPU is unmeasured: 'xla' there.
+  `d_in`, `d_out` and `rank` do not change the choice in the measured range (d 2048-4096,
+  r 8-64).
   """
   be = _detect_backend(backend)
   if be != "gpu":
     return "xla"
-  del num_tokens, d_in, d_out, rank, num_experts, dtype  # filled in from the H100 table below
-  return "pallas"
+  del d_in, d_out, rank
+  sparse = top_k is None or top_k < num_experts
+  small_float = jnp.dtype(dtype).itemsize <= 2
+  if num_tokens <= 1 and num_experts >= 2 and sparse and small_float:
+    return "pallas"
+  return "xla"

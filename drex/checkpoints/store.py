@@ -92,10 +92,13 @@ def read_tree(path: str, expected: Any | None = None, what: str = "checkpoint") 
   if not os.path.isdir(path):
     raise UserError(f"{what} not found: {path}")
   checkpointer = ocp.StandardCheckpointer()
+  damaged = f"{what} at {path} is damaged or incomplete; delete it and re-run"
   try:
     meta = checkpointer.metadata(os.path.abspath(path))
   except Exception as e:  # orbax raises various types for damaged directories
-    raise UserError(f"{what} at {path} is damaged or incomplete ({type(e).__name__}); delete it and re-run") from None
+    raise UserError(f"{damaged} ({type(e).__name__})") from None
+  if meta is None or meta.item_metadata is None:
+    raise UserError(damaged)
   stored = flax.traverse_util.flatten_dict(_as_dict(meta.item_metadata.tree))
   if expected is not None:
     problems = tree_problems(expected, {p: (tuple(m.shape), m.dtype) for p, m in stored.items()})

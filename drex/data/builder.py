@@ -28,8 +28,8 @@ PRETRAIN_SIZE = 100_000
 class DrexTasks(tfds.core.GeneratorBasedBuilder):
   """The embedded default's tasks: foundation suite + specialized tasks (see drex.data.tasks)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Records kept in generation order."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=t.description) for name, t in tasks.TASKS.items()
                     ] + [tfds.core.BuilderConfig(name=PRETRAIN_PREFIX + name, description=f"pretraining data: {name}")
                          for name in tasks.PRETRAIN_MIX]
@@ -44,7 +44,8 @@ class DrexTasks(tfds.core.GeneratorBasedBuilder):
             "group": np.int64,
             "task": tfds.features.Text(),
         }),
-        homepage="https://github.com/drex-project/drex")
+        homepage="https://github.com/drex-project/drex",
+        disable_shuffling=True)  # records stay in generation order: rotations of a question are adjacent
 
   def _split_generators(self, dl_manager):
     del dl_manager

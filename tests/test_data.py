@@ -1,0 +1,197 @@
+"""The task family, TFDS builder, grain pipeline, tokenizer, templates, tiling and metrics."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from drex.data import builder, images, metrics, pipeline, prompts, tasks
+from drex.data import tokenizer as tok_lib
+from drex.base import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return tiny_tokenizer(384)
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer):
+  return pipeline.Encoder(tokenizer, prompts.get_template("tiny"), pipeline.ImageSpec(32, 1), 16)
+
+
+def test_tasks_are_deterministic_and_distinct():
+  for name, task in tasks.TASKS.items():
+    a = [ex for _, ex in tasks.examples(task, "train", size=5)]
+    b = [ex for _, ex in tasks.examples(task, "train", size=5)]
+    assert [(e.question, e.answer) for e in a] == [(e.question, e.answer) for e in b], name
+    if task.has_image:
+      assert all(e.image.shape == (32, 32, 3) and e.image.dtype == np.uint8 for e in a)
+      np.testing.assert_array_equal(a[0].image, b[0].image)
+    test = [ex for _, ex in tasks.examples(task, "test", size=5)]
+    assert [(e.question, e.answer) for e in test] != [(e.question, e.answer) for e in a] or not task.has_image or \
+        any((t.image != e.image).any() for t, e in zip(test, a))
+
+
+def test_family_has_related_pairs_and_a_language_only_twin():
+  assert len(tasks.SPECIALIZED) >= 6
+  assert not tasks.get("text_add").has_image and tasks.get("digit_add").has_image
+  assert tasks.get("scene_mc").make_group is not None
+
+
+def test_answers_are_correct_for_known_draws():
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    ex = tasks.text_add(rng)
+    a, b = (tasks.NUMBER_WORDS.index(w) for w in ex.question.split()[2:5:2])
+    assert int(ex.answer) == a + b
+  for ex in tasks.scene_mc_group(np.random.default_rng(1)):
+    letters = ex.question.split("?")[1].split()
+    options = {letters[i]: letters[i + 2] for i in range(0, 12, 3)}
+    assert ex.answer in options
+
+
+def test_circular_groups_rotate_options():
+  group = tasks.scene_mc_group(np.random.default_rng(3))
+  assert len(group) == 4
+  assert len({e.answer for e in group}) == 4  # the right option moves through every letter
+
+
+def test_builder_writes_and_reads_records(tmp_path):
+  source = builder.data_source("text_add", "test", str(tmp_path))
+  assert len(source) == tasks.get("text_add").test_size
+  r = source[0]
+  assert r["image"].shape == (32, 32, 3) and not r["has_image"]
+  first = next(tasks.examples(tasks.get("text_add"), "test"))[1]
+  assert r["question"].decode() == first.question and r["answer"].decode() == first.answer
+  with pytest.raises(ValueError, match="unknown task 'nope'"):
+    builder.prepare("nope", str(tmp_path))
+
+
+def test_train_example_layout(encoder, tokenizer):
+  rec = {"image": np.zeros((32, 32, 3), np.uint8), "has_image": True, "question": b"what colour is the shape ?",
+         "answer": b"red"}
+  ex = encoder.train_example(rec, 48)
+  ids, mask, loss = ex["input_ids"], ex["attention_mask"], ex["loss_mask"]
+  assert ex["pixel_values"].shape == (1, 32, 32, 3)
+  n = int(mask.sum())
+  assert (mask[:48 - n] == 0).all() and (mask[48 - n:] == 1).all()  # left padded
+  assert (ids == tokenizer.token_id("<IMG_CONTEXT>")).sum() == 16
+  target = encoder.target_ids("red")
+  assert list(ids[-len(target):]) == target and loss.sum() == len(target) and loss[-len(target):].all()
+  assert encoder.decode_answer(list(ids[loss.astype(bool)])) == "red"
+  with pytest.raises(ValueError, match="does not fit seq_len=10"):
+    encoder.train_example(rec, 10)
+
+
+def test_text_only_example_has_no_image_tokens(encoder, tokenizer):
+  rec = {"image": np.zeros((32, 32, 3), np.uint8), "has_image": False, "question": b"what is one plus two ?",
+         "answer": b"3"}
+  ex = encoder.eval_example(rec, 32)
+  assert (ex["input_ids"] == tokenizer.token_id("<IMG_CONTEXT>")).sum() == 0
+  assert (ex["pixel_values"] == 0).all()
+
+
+def test_train_batches_are_deterministic_and_resumable(encoder, tmp_path):
+  source = builder.data_source("shape_kind", "test", str(tmp_path))
+  it = pipeline.train_batches([source], encoder, 48, 4, seed=7)
+  first = [next(it)["input_ids"] for _ in range(3)]
+  it2 = pipeline.train_batches([source], encoder, 48, 4, seed=7)
+  next(it2)
+  state = it2.get_state()
+  it3 = pipeline.train_batches([source], encoder, 48, 4, seed=7)
+  it3.set_state(state)
+  np.testing.assert_array_equal(next(it3)["input_ids"], first[1])
+  np.testing.assert_array_equal(pipeline.train_batches([source], encoder, 48, 4, seed=7).__next__()["input_ids"],
+                                first[0])
+
+
+def test_eval_batches_pad_last_batch(encoder, tmp_path):
+  source = builder.data_source("text_add", "test", str(tmp_path))
+  batches = list(pipeline.eval_batches(source, encoder, 32, 100, 0, 250))
+  assert [b["input_ids"].shape for b in batches] == [(100, 32)] * 3
+  assert batches[-1]["valid"].sum() == 50
+
+
+def test_tokenizer_roundtrip_and_special_tokens(tokenizer, tmp_path):
+  text = "what colour is the shape ?"
+  assert tokenizer.decode(tokenizer.encode(text)) == text
+  for tok in tok_lib.SPECIAL_TOKENS:
+    assert tokenizer.encode(tok) == [tokenizer.token_id(tok)]
+  tokenizer.save(str(tmp_path))
+  again = tok_lib.Tokenizer.load(str(tmp_path))
+  assert again.encode(text) == tokenizer.encode(text)
+  with pytest.raises(ValueError, match="has no token"):
+    tokenizer.token_id("<quad>")
+  with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+    tok_lib.Tokenizer.load(str(tmp_path / "missing"))
+
+
+def test_internlm2_template_matches_reference_layout():
+  t = prompts.get_template("internlm2-chat")
+  p = t.prompt("Q?", 2)
+  assert p == ("<s><|im_start|>system\n" + prompts.INTERNVL_SYSTEM + "<|im_end|><|im_start|>user\n<img>"
+               "<IMG_CONTEXT><IMG_CONTEXT></img>\nQ?<|im_end|><|im_start|>assistant\n")
+  assert t.target("A") == "A<|im_end|>"
+  assert prompts.get_template("phi3-chat").prompt("Q", 0).endswith("<|user|>\nQ<|end|><|assistant|>\n")
+  with pytest.raises(ValueError, match="unknown chat template"):
+    prompts.get_template("llava")
+
+
+@pytest.mark.parametrize("size,max_tiles,grid", [
+    ((448, 448), 12, (1, 1)), ((896, 448), 12, (2, 1)), ((448, 896), 12, (1, 2)),
+    ((1344, 448), 12, (3, 1)), ((800, 600), 12, (4, 3)), ((1000, 200), 6, (5, 1)), ((300, 1000), 6, (1, 3)),
+    ((896, 896), 6, (2, 2))])
+def test_dynamic_tiling_grids(size, max_tiles, grid):
+  assert images.choose_grid(*size, 448, 1, max_tiles) == grid
+
+
+def test_dynamic_tiles_order_and_thumbnail():
+  img = Image.new("RGB", (64, 32))
+  img.paste((255, 0, 0), (0, 0, 32, 32))
+  tiles = images.dynamic_tiles(img, 32, 1, 4)
+  assert len(tiles) == 3  # 2x1 grid + thumbnail
+  assert np.asarray(tiles[0])[..., 0].mean() > 250 and np.asarray(tiles[1])[..., 0].mean() < 5
+  assert len(images.dynamic_tiles(Image.new("RGB", (32, 32)), 32, 1, 4)) == 1  # no thumbnail for one tile
+
+
+def test_corrupt_image_is_a_one_line_error(tmp_path):
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+  with pytest.raises(images.ImageError) as e:
+    images.load_image(str(bad))
+  assert "cannot decode image" in str(e.value) and str(bad) in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(images.ImageError, match="image file not found"):
+    images.load_image(str(tmp_path / "none.png"))
+  good = tmp_path / "good.png"
+  Image.new("RGBA", (5, 3)).save(good)
+  assert images.load_image(str(good)).mode == "RGB"
+
+
+def test_relaxed_accuracy_rules():
+  assert metrics.relaxed_accuracy("41", "40") == 1.0  # within 5%
+  assert metrics.relaxed_accuracy("43", "40") == 0.0
+  assert metrics.relaxed_accuracy("12%", "0.12") == 1.0
+  assert metrics.relaxed_accuracy("0.1", "0") == 0.0 and metrics.relaxed_accuracy("0", "0") == 1.0
+  assert metrics.relaxed_accuracy("Left.", "left") == 1.0 and metrics.relaxed_accuracy("right", "left") == 0.0
+
+
+def test_anls():
+  assert metrics.anls("cat", "cat") == 1.0
+  assert metrics.anls("cut", "cat") == pytest.approx(1 - 1 / 3)
+  assert metrics.anls("dog", "cat") == 0.0  # distance above the 0.5 threshold
+  assert metrics.anls("CAT ", ["dog", "cat"]) == 1.0
+  assert metrics.anls("", "") == 1.0 and metrics.anls("x", "") == 0.0
+
+
+def test_circular_mc_needs_every_rotation():
+  stats = metrics.sufficient_stats("circular_mc", ["A", "B", "C", "D", "A", "A"], ["A", "B", "C", "D", "A", "B"],
+                                   [0, 0, 0, 0, 1, 1])
+  np.testing.assert_array_equal(stats, [1, 2])
+  assert metrics.score_from_stats(stats) == 0.5
+  both = metrics.sufficient_stats("exact_match", ["a"], ["a"], [0]) + metrics.sufficient_stats(
+      "exact_match", ["b", "c"], ["b", "x"], [1, 2])
+  assert metrics.score_from_stats(both) == pytest.approx(2 / 3)  # host sums add up exactly
+  with pytest.raises(ValueError, match="unknown metric"):
+    metrics.sufficient_stats("bleu", [], [], [])

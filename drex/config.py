@@ -1,6 +1,7 @@
 """Defaults and validation of a continual-learning stream config (`configs/*.py` build on these).
 
-Every field carries a one-line comment. `shrink(c)` turns any stream config into a seconds-to-minutes
+Every field carries a one-line comment. Sequences are tuples, so they can be overridden on the command
+line: `--config.tasks="('shape_kind', 'chart_min')"`. `shrink(c)` turns any stream config into a seconds-to-minutes
 CPU run (the `:smoke` mode of the config files, used by CI).
 """
 
@@ -18,9 +19,9 @@ METHODS = ("routing", "sequential", "mtl")
 def stream_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed: expert init and data order
-  c.tasks = ["shape_color", "chart_max", "count_shapes"]  # the specialized tasks, learned in this order
-  c.foundation = list(tasks.FOUNDATION)  # suite that measures what the base keeps
-  c.methods = list(METHODS)  # 'routing' (the method, + oracle), 'sequential' (one LoRA, task after task), 'mtl'
+  c.tasks = ("shape_color", "chart_max", "count_shapes")  # the specialized tasks, learned in this order
+  c.foundation = tuple(tasks.FOUNDATION)  # suite that measures what the base keeps
+  c.methods = METHODS  # 'routing' (the method, + oracle), 'sequential' (one LoRA, task after task), 'mtl'
 
   c.base = ml_collections.ConfigDict()
   c.base.checkpoint = ""  # base checkpoint directory ('' = the tiny base shipped in drex/assets)
@@ -37,8 +38,8 @@ def stream_config() -> ml_collections.ConfigDict:
   c.lora.r = 8  # LoRA rank
   c.lora.lora_alpha = 16.0  # scale = lora_alpha / r (or / sqrt(r) with rslora)
   c.lora.rslora = False  # rank-stabilized scaling
-  c.lora.target_modules = list(lora.ALL_TARGETS)  # LLM linears that get experts
-  c.lora.kernel = "xla"  # adapter-mixture implementation: 'xla' | 'pallas'
+  c.lora.target_modules = lora.ALL_TARGETS  # LLM linears that get experts
+  c.lora.kernel = "xla"  # adapter mixture: 'xla', 'pallas' or 'auto' (per shape, from benchmarks/results)
 
   c.stage_a = ml_collections.ConfigDict()  # training one task's LoRA expert (also sequential / mtl)
   c.stage_a.steps = 300  # optimizer steps per task
@@ -103,8 +104,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   unknown = set(c.lora.target_modules) - set(lora.ALL_TARGETS)
   if unknown:
     raise UserError(f"unknown lora.target_modules {sorted(unknown)}; choose from {lora.ALL_TARGETS}")
-  if c.lora.kernel not in ("xla", "pallas"):
-    raise UserError(f"unknown lora.kernel {c.lora.kernel!r}; use 'xla' or 'pallas'")
+  if c.lora.kernel not in ("xla", "pallas", "auto"):
+    raise UserError(f"unknown lora.kernel {c.lora.kernel!r}; use 'xla', 'pallas' or 'auto'")
   if c.router.kind not in ("topk", "arrow", "dense"):
     raise UserError(f"config.router.kind must be 'topk', 'arrow' or 'dense', got {c.router.kind!r}")
   for key, value in [("lora.r", c.lora.r), ("router.k", c.router.k), ("stage_a.steps", c.stage_a.steps),

@@ -31,7 +31,8 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     raise UserError("--workdir is required")
-  cfg = ml_collections.ConfigDict(store.read_json(os.path.join(workdir, "config.json"), "run config"))
+  stored = store.read_json(os.path.join(workdir, "config.json"), "run config")
+  cfg = ml_collections.ConfigDict(_tuples(stored))
   for key, flag in (("k", _ROUTER_K), ("null_expert", _NULL), ("kind", _ROUTER)):
     if flag.value is not None:
       cfg.router[key] = flag.value
@@ -46,6 +47,13 @@ def main(argv):
   print(json.dumps({"methods": {m: {"matrix": r["matrix"], "average_accuracy": r["average_accuracy"],
                                     "foundation": r["foundation"]} for m, r in results["methods"].items()},
                     "max_abs_difference_from_results_json": report}, indent=1))
+
+
+def _tuples(tree):
+  """JSON lists back to the tuples the config uses."""
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  return tuple(tree) if isinstance(tree, list) else tree
 
 
 if __name__ == "__main__":

@@ -178,3 +178,23 @@ def test_stack_rejects_different_structures(setup):
   b = lora.init_experts(params, 2, ["k_proj"], jax.random.key(0))
   with pytest.raises(ValueError, match="adapts different layers"):
     lora.stack([a, b])
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "auto"])
+def test_model_logits_and_train_step_agree_between_kernels(setup, kernel):
+  """The Pallas kernel (interpret mode on CPU) behind the model gives the XLA path's logits and grads."""
+  from drex.training import trainer  # pylint: disable=g-import-not-at-top
+  cfg, params, args = setup
+  e0 = testing.random_like(lora.init_experts(params, 3, lora.ALL_TARGETS, jax.random.key(1)), seed=3)
+  experts = lora.stack([e0, testing.random_like(e0, seed=4)])
+  router = testing.random_like(lora.init_router(experts), seed=5)
+  variables = {"params": params, "experts": experts, "router": router}
+  outs = {}
+  for k in ("xla", kernel):
+    model = vlm.VLM(cfg, lora.AdapterSpec(Routing("topk", k=2), lora_alpha=4.0, kernel=k))
+    logits = model.apply(variables, *args)[0]
+    b = testing.micro_batch(cfg)
+    grads = jax.grad(lambda ex: trainer.batch_loss(model, {**variables, "experts": ex}, b)[0])(experts)
+    outs[k] = (logits, grads)
+  np.testing.assert_allclose(outs[kernel][0], outs["xla"][0], atol=1e-4)
+  chex.assert_trees_all_close(outs[kernel][1], outs["xla"][1], atol=1e-4)

@@ -36,7 +36,7 @@ class AdapterSpec:
   routing: routing_lib.Routing = routing_lib.Routing()
   lora_alpha: float = 16.0
   rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-  kernel: str = "xla"  # adapter-mixture implementation: 'xla' | 'pallas'
+  kernel: str = "xla"  # adapter-mixture implementation: 'xla' | 'pallas' | 'auto'
 
   def scale(self, rank: int) -> float:
     return self.lora_alpha / (math.sqrt(rank) if self.rslora else rank)
@@ -81,8 +81,10 @@ class AdaptedDense(nn.Module):
           null_v=self.get_variable("router", "null_v") if self.has_variable("router", "null_v") else None,
           a=a, b=b)
       self.sow("intermediates", "gates", gates)
+      route = self.adapter.routing
       y = y + mixture.adapter_mixture(x, a.astype(self.dtype), b.astype(self.dtype), gates,
-                                      self.adapter.scale(a.shape[-1]), kernel=self.adapter.kernel)
+                                      self.adapter.scale(a.shape[-1]), kernel=self.adapter.kernel,
+                                      top_k=route.k if route.kind in ("topk", "arrow") else None)
     return y
 
 

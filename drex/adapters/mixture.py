@@ -10,10 +10,12 @@ only produce `gates`; this module only mixes.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("xla", "pallas")
+KERNELS = ("xla", "pallas", "auto")
 
 
 def mixture_reference(x: jax.Array, a: jax.Array, b: jax.Array, gates: jax.Array,
@@ -37,11 +39,18 @@ def mixture_reference(x: jax.Array, a: jax.Array, b: jax.Array, gates: jax.Array
 
 
 def adapter_mixture(x: jax.Array, a: jax.Array, b: jax.Array, gates: jax.Array, scale: float,
-                    kernel: str = "xla") -> jax.Array:
-  """Mixture of LoRA experts; `kernel` picks the implementation ('xla' or 'pallas').
+                    kernel: str = "xla", top_k: int | None = None) -> jax.Array:
+  """Mixture of LoRA experts; `kernel` picks the implementation: 'xla', 'pallas', or 'auto' (the
+  faster one for this shape and backend, from the measurements behind
+  `drex.kernels.mixture_pallas.choose_kernel`; `top_k` = experts per token when known).
 
   Shapes as in `mixture_reference`.
   """
+  if kernel == "auto":
+    from drex.kernels import mixture_pallas  # pylint: disable=g-import-not-at-top
+    num_tokens = math.prod(x.shape[:-1])
+    kernel = mixture_pallas.choose_kernel(num_tokens, x.shape[-1], b.shape[-1], a.shape[-1], a.shape[0], x.dtype,
+                                          top_k=top_k)
   if kernel == "xla":
     return mixture_reference(x, a, b, gates, scale)
   if kernel == "pallas":

@@ -1,0 +1,50 @@
+"""User errors at the command line are one clear line (exit status 2), never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=120):
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def _one_error_line(lines, prog):
+  errors = [l for l in lines if l.startswith(f"{prog}: error:")]
+  assert len(errors) == 1, lines
+  assert not any("Traceback" in l for l in lines), lines
+  return errors[0]
+
+
+def test_wrong_config_key(tmp_path):
+  code, lines = _run("drex.train", "--config=configs/task3.py", "--config.lora.rank=4", f"--workdir={tmp_path}")
+  assert code == 2
+  line = _one_error_line(lines, "drex.train")
+  assert "unknown config key 'lora.rank'" in line and "lora_alpha" in line  # names the known keys
+
+
+def test_missing_config_file(tmp_path):
+  code, lines = _run("drex.train", "--config=configs/nope.py", f"--workdir={tmp_path}")
+  assert code == 2 and "config file not found: configs/nope.py" in _one_error_line(lines, "drex.train")
+
+
+def test_bad_config_value(tmp_path):
+  code, lines = _run("drex.train", "--config=configs/task3.py", "--config.tasks=('shape_color','juggling')",
+                     f"--workdir={tmp_path}")
+  assert code == 2 and "unknown task 'juggling'" in _one_error_line(lines, "drex.train")
+
+
+def test_evaluate_on_an_empty_workdir(tmp_path):
+  code, lines = _run("drex.evaluate", f"--workdir={tmp_path}")
+  assert code == 2 and "run config not found" in _one_error_line(lines, "drex.evaluate")
+
+
+def test_missing_base_checkpoint(tmp_path):
+  code, lines = _run("drex.train", "--config=configs/task3.py:smoke", f"--config.base.checkpoint={tmp_path}/nothing",
+                     f"--workdir={tmp_path}/run")
+  assert code == 2 and "base checkpoint directory not found" in _one_error_line(lines, "drex.train")

@@ -18,6 +18,7 @@ from drex.data import pipeline, prompts, tasks
 from drex.data import tokenizer as tok_lib
 from drex.errors import UserError
 from drex.models.vlm import VLM
+from drex.parallel import Parallel
 
 SHIPPED = "base_tiny"  # drex/assets/base_tiny: the pretrained tiny base of the embedded default
 
@@ -41,13 +42,22 @@ class Base:
                             self.info.model.tokens_per_tile)
 
 
-def param_shapes(model: VLM, image: pipeline.ImageSpec) -> Any:
-  """Shapes/dtypes of the base params of `model` (no allocation)."""
+def boxed_shapes(model: VLM, image: pipeline.ImageSpec) -> Any:
+  """Shapes/dtypes of the base params of `model`, boxed with their logical axis names (no allocation)."""
   px = jnp.zeros((1, 1, image.tile_size, image.tile_size, 3), jnp.float32)
   ids = jnp.zeros((1, 8), jnp.int32)
   mask = jnp.ones((1, 8), bool)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), px, ids, jnp.zeros((1, 8), jnp.int32), mask))
-  return nn.unbox(shapes)["params"]
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), px, ids, jnp.zeros((1, 8), jnp.int32), mask))["params"]
+
+
+def param_shapes(model: VLM, image: pipeline.ImageSpec, parallel: Parallel | None = None) -> Any:
+  """Shapes/dtypes of the base params of `model` (with their shardings on `parallel`'s mesh)."""
+  boxed = boxed_shapes(model, image)
+  shapes = nn.unbox(boxed)
+  if parallel is None:
+    return shapes
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                                nn.unbox(parallel.tree_shardings(boxed)))
 
 
 def init_params(model: VLM, image: pipeline.ImageSpec, rng: jax.Array) -> Any:
@@ -56,13 +66,14 @@ def init_params(model: VLM, image: pipeline.ImageSpec, rng: jax.Array) -> Any:
   return nn.unbox(model.init(rng, px, ids, jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), bool)))["params"]
 
 
-def load(path: str = "") -> Base:
-  """Load a base checkpoint directory ('' = the shipped tiny base), checking every tensor."""
+def load(path: str = "", parallel: Parallel | None = None) -> Base:
+  """Load a base checkpoint directory ('' = the shipped tiny base), checking every tensor; with
+  `parallel`, each tensor is restored straight into its sharding on the mesh."""
   path = path or shipped_path()
   if not os.path.isdir(path):
     raise UserError(f"base checkpoint directory not found: {path}")
   info, tokenizer = store.load_base_info(path)
-  params = store.load_base_params(path, param_shapes(VLM(info.model), info.image))
+  params = store.load_base_params(path, param_shapes(VLM(info.model), info.image, parallel))
   return Base(info, tokenizer, params, path)
 
 

@@ -75,12 +75,17 @@ def run(main: Callable[[Sequence[str]], None], prog: str) -> None:
   """absl app.run(main) with config pre-checks and one-line user errors."""
 
   def wrapped(argv):
+    from drex.checkpoints import stage  # pylint: disable=g-import-not-at-top
     setup_logging()
+    stage.install_sigterm_handler()
     try:
       main(argv)
     except UserError as e:
       print(f"{prog}: error: {e}", file=sys.stderr)
       sys.exit(2)
+    except stage.Preempted as e:
+      print(f"{prog}: {e}", file=sys.stderr)
+      sys.exit(143)
 
   try:
     _precheck(sys.argv[1:], "config")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from drex import parallel
 from drex.adapters import lora, routing
 from drex.data import tasks
 from drex.errors import UserError
@@ -65,6 +66,15 @@ def stream_config() -> ml_collections.ConfigDict:
 
   c.analysis = ml_collections.ConfigDict()
   c.analysis.routing_batch = 64  # prompts per task for the routing-weight plots
+
+  c.checkpoint_every = 50  # steps between resume points of the stage in progress (also saved on SIGTERM)
+  c.mesh = (-1, 1, 1)  # device mesh sizes over ('data', 'fsdp', 'tensor'); -1 = what the devices leave
+  c.sharding_rules = parallel.DEFAULT_RULES  # logical axis name -> mesh axes, for params and activations
+  c.distributed = ml_collections.ConfigDict()  # multi-host start-up (jax.distributed.initialize)
+  c.distributed.mode = "auto"  # 'auto' (when the environment is multi-host), 'on', 'off'
+  c.distributed.coordinator = ""  # 'host:port' of process 0 ('' = from the environment / TPU metadata)
+  c.distributed.num_processes = 0  # with a coordinator: the number of processes
+  c.distributed.process_id = -1  # with a coordinator: this process's index
   return c
 
 
@@ -78,6 +88,7 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 32
   c.router.null_sample = 32
   c.analysis.routing_batch = 8
+  c.checkpoint_every = 5
   return c
 
 

@@ -1,5 +1,5 @@
-"""Evaluation: greedy answers on a task's test split, scored by the task's metric from summed
-sufficient statistics (so the score is exact across hosts); and per-layer routing profiles."""
+"""Evaluation: greedy answers on a task's test split, scored by the task's metric from sufficient
+statistics summed over hosts (so the score is exact on any number of hosts); routing profiles."""
 
 from __future__ import annotations
 
@@ -12,48 +12,55 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from drex.data import metrics
 from drex.data import pipeline
 from drex.models.generation import greedy_generate, prompt_positions
 from drex.models.vlm import VLM
+from drex.parallel import Parallel
 
 
 @dataclasses.dataclass
 class EvalSet:
-  """A task's test split and this host's share of it (whole groups, contiguous)."""
+  """The first `size` records of a task's test split (whole circular groups), golds on the host."""
 
   name: str
   metric: str
   source: Any
   golds: list[str]
   groups: list[int]
-  start: int
-  stop: int
+
+  @property
+  def size(self) -> int:
+    return len(self.golds)
+
+  @property
+  def num_groups(self) -> int:
+    return max(self.groups) + 1 if self.groups else 0
 
 
-def make_eval_set(name: str, metric: str, source, process_index: int = 0, process_count: int = 1,
-                  limit: int | None = None) -> EvalSet:
-  """Read golds and group ids; give this process a contiguous block of whole groups."""
+def make_eval_set(name: str, metric: str, source, limit: int | None = None) -> EvalSet:
   n = len(source) if limit is None else min(limit, len(source))
-  records = [source[i] for i in range(n)]
-  golds = [pipeline._text(r["answer"]) for r in records]  # pylint: disable=protected-access
+  records = [source[i] for i in range(min(n + 8, len(source)))]
   groups = [int(r["group"]) for r in records]
-  boundaries = [i for i in range(n) if i == 0 or groups[i] != groups[i - 1]] + [n]
-  per = -(-(len(boundaries) - 1) // process_count)
-  first = min(process_index * per, len(boundaries) - 1)
-  last = min(first + per, len(boundaries) - 1)
-  return EvalSet(name, metric, source, golds, groups, boundaries[first], boundaries[last])
+  while 0 < n < len(groups) and groups[n] == groups[n - 1]:  # never cut a circular question
+    n -= 1
+  golds = [pipeline._text(r["answer"]) for r in records[:n]]  # pylint: disable=protected-access
+  first = groups[0] if groups else 0
+  return EvalSet(name, metric, source, golds, [g - first for g in groups[:n]])
 
 
 class Evaluator:
   """Generates answers with a jitted greedy decoder (one compile per model structure and shape)."""
 
-  def __init__(self, encoder: pipeline.Encoder, prompt_len: int, batch_size: int, max_new_tokens: int):
+  def __init__(self, encoder: pipeline.Encoder, prompt_len: int, batch_size: int, max_new_tokens: int,
+               parallel: Parallel):
     self.encoder = encoder
     self.prompt_len = prompt_len
     self.batch_size = batch_size
     self.max_new_tokens = max_new_tokens
+    self.parallel = parallel
     self._compiled: dict[Any, Any] = {}
 
   def _generate_fn(self, model: VLM):
@@ -64,51 +71,58 @@ class Evaluator:
       self._compiled[key] = jax.jit(lambda variables, px, ids, mask: fn(variables, px, ids, mask))
     return self._compiled[key]
 
-  def predictions(self, model: VLM, variables: dict, eval_set: EvalSet) -> list[str]:
+  def predictions(self, model: VLM, variables: dict, eval_set: EvalSet) -> tuple[list[int], list[str]]:
+    """(record indices, answers) of this process's rows."""
     generate = self._generate_fn(model)
-    out: list[str] = []
+    indices, answers = [], []
+    spec = jax.sharding.PartitionSpec(self.parallel.batch_sharding().spec[0])
     for batch in pipeline.eval_batches(eval_set.source, self.encoder, self.prompt_len, self.batch_size,
-                                       eval_set.start, eval_set.stop):
-      tokens = np.asarray(generate(variables, batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
-      out += [self.encoder.decode_answer(t) for t, ok in zip(tokens, batch["valid"]) if ok]
-    return out
+                                       eval_set.size, jax.process_index(), jax.process_count()):
+      inputs = self.parallel.global_batch({k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")})
+      with self.parallel.context():
+        tokens = generate(variables, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+      local = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.parallel.mesh, spec))
+      for row, ok, index in zip(local, batch["valid"], batch["index"]):
+        if ok:
+          indices.append(int(index))
+          answers.append(self.encoder.decode_answer(row))
+    return indices, answers
 
   def stats(self, model: VLM, variables: dict, eval_set: EvalSet) -> np.ndarray:
-    """[score sum, count] over this host's share, summed over all hosts."""
-    preds = self.predictions(model, variables, eval_set)
-    s = metrics.sufficient_stats(eval_set.metric, preds, eval_set.golds[eval_set.start:eval_set.stop],
-                                 eval_set.groups[eval_set.start:eval_set.stop])
+    """Sufficient statistics over this process's rows, summed over all processes."""
+    indices, answers = self.predictions(model, variables, eval_set)
+    s = metrics.sufficient_stats(eval_set.metric, answers, [eval_set.golds[i] for i in indices],
+                                 [eval_set.groups[i] for i in indices], eval_set.num_groups)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       s = np.asarray(multihost_utils.process_allgather(s)).sum(0)
     return s
 
   def score(self, model: VLM, variables: dict, eval_set: EvalSet) -> float:
-    return metrics.score_from_stats(self.stats(model, variables, eval_set))
+    return metrics.score_from_stats(eval_set.metric, self.stats(model, variables, eval_set))
 
 
 _LAYER = re.compile(r"layers_(\d+)")
 
 
-def routing_profile(model: VLM, variables: dict, batch: dict) -> np.ndarray:
-  """Mean routing weight per decoder layer and expert over the real prompt tokens of a batch.
+def routing_profile(model: VLM, variables: dict, batch: dict, parallel: Parallel) -> np.ndarray:
+  """Mean routing weight per decoder layer and expert over the real prompt tokens of a (global) batch.
 
   Averages the gates of all adapted linears of a layer. Returns [num_layers, E].
   """
-  mask = batch["attention_mask"]
 
-  @jax.jit
-  def gates(variables, px, ids, mask):
+  def mean_gates(variables, px, ids, mask):
     _, state = model.apply(variables, px, ids, prompt_positions(mask), mask.astype(bool), mutable=["intermediates"])
-    return state["intermediates"]
+    weight = mask.astype(jnp.float32)[..., None]
+    flat = flax.traverse_util.flatten_dict(state["intermediates"])
+    return {"/".join(k): (v[0] * weight).sum((0, 1)) / weight.sum() for k, v in flat.items() if k[-1] == "gates"}
 
-  inter = flax.traverse_util.flatten_dict(gates(variables, batch["pixel_values"], batch["input_ids"], mask))
-  weight = jnp.asarray(mask, jnp.float32)[..., None]
+  inputs = parallel.global_batch({k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")})
+  replicated = jax.sharding.NamedSharding(parallel.mesh, jax.sharding.PartitionSpec())
+  with parallel.context():
+    per_linear = jax.jit(mean_gates, out_shardings=replicated)(variables, inputs["pixel_values"],
+                                                               inputs["input_ids"], inputs["attention_mask"])
   per_layer: dict[int, list[np.ndarray]] = {}
-  for path, value in inter.items():
-    if path[-1] != "gates":
-      continue
-    layer = int(_LAYER.fullmatch(next(p for p in path if _LAYER.fullmatch(p))).group(1))
-    g = value[0] if isinstance(value, tuple) else value
-    per_layer.setdefault(layer, []).append(np.asarray((g * weight).sum((0, 1)) / weight.sum()))
+  for path, value in per_linear.items():
+    layer = int(next(m.group(1) for m in map(_LAYER.fullmatch, path.split("/")) if m))
+    per_layer.setdefault(layer, []).append(np.asarray(value))
   return np.stack([np.mean(per_layer[i], 0) for i in sorted(per_layer)])

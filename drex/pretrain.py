@@ -18,6 +18,7 @@ import sys
 import time
 
 from absl import flags
+import flax.linen as nn
 import jax
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
@@ -26,6 +27,7 @@ from tensorboardX import SummaryWriter
 from drex import base as base_lib
 from drex import cli
 from drex import evaluation
+from drex import parallel
 from drex.checkpoints import store
 from drex.data import builder, pipeline, tasks
 from drex.errors import UserError
@@ -65,21 +67,27 @@ def main(argv):
                       processes=os.cpu_count() or 1)
   sources = [builder.data_source(prefix + name, "train", data_dir) for name in tasks.PRETRAIN_MIX]
   eval_sets = [evaluation.make_eval_set(name, tasks.get(name).metric, builder.data_source(name, "test", data_dir),
-                                        jax.process_index(), jax.process_count(), limit=cfg.eval_size)
+                                        limit=cfg.eval_size)
                for name in tasks.FOUNDATION]
   lengths = [encoder.lengths(s.source) for s in eval_sets]
   prompt_len = _round_up(max(p for p, _ in lengths), 8)
   seq_len = _round_up(max(t for _, t in lengths), 8)
   log.info("model %s; tokenizer %d tokens; seq_len %d", info.model.llm, tokenizer.vocab_size, seq_len)
 
+  par = parallel.Parallel.create()
   optim = trainer.OptimConfig(cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay)
   optimizer = trainer.make_optimizer(optim)
-  state = trainer.init_state(base_lib.init_params(model, info.image, jax.random.key(cfg.seed)), optimizer)
+  boxed = base_lib.boxed_shapes(model, info.image)
+  params_sh = par.tree_shardings(boxed)
+  shardings = trainer.state_shardings(optimizer, params_sh, par, nn.unbox(boxed))
+  params = jax.jit(lambda: base_lib.init_params(model, info.image, jax.random.key(cfg.seed)),
+                   out_shardings=params_sh)()
+  state = trainer.create_state(params, optimizer, shardings)
   batches = pipeline.train_batches(sources, encoder, seq_len, cfg.batch_size, cfg.seed, weights=[1.0] * len(sources),
-                                   shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                    workers=cfg.data_workers)
-  evaluator = evaluation.Evaluator(encoder, prompt_len, cfg.eval_batch_size, cfg.max_new_tokens)
-  step = jax.jit(trainer.make_train_step(model, "params", optimizer), donate_argnums=(0,))
+  evaluator = evaluation.Evaluator(encoder, prompt_len, cfg.eval_batch_size, cfg.max_new_tokens, par)
+  step = trainer.compile_step(model, "params", optimizer, shardings, {}, par)
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   history = []
   train_begin = time.time()
@@ -88,7 +96,7 @@ def main(argv):
       log.info("stopping at step %d: max_seconds=%d reached", int(state.step), cfg.max_seconds)
       break
     target = min(int(state.step) + cfg.eval_every, cfg.steps)
-    state, summary = trainer.train("pretrain", None, state, {}, batches, target, writer=writer, jit_step=step)
+    state, summary = trainer.train("pretrain", step, state, {}, batches, target, par, writer=writer)
     scores = {s.name: evaluator.score(model, {"params": state.params}, s) for s in eval_sets}
     history.append({"step": target, "loss": summary["loss_last"], **scores})
     for name, score in scores.items():

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -37,8 +38,11 @@ from drex import cl_metrics, config as config_lib, evaluation, report
 from drex.adapters import lora
 from drex.adapters.routing import Routing, standardize
 from drex.checkpoints import store
+from drex.checkpoints.stage import StageCheckpoint
 from drex.data import builder, pipeline, tasks
 from drex.errors import UserError
+from drex.models.generation import prompt_positions
+from drex.parallel import Parallel
 from drex.training import trainer
 
 log = logging.getLogger(__name__)
@@ -71,12 +75,16 @@ class Stream:
       store.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     tfds.disable_progress_bar()
     self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+    self.parallel = Parallel.create(cfg.mesh, cfg.sharding_rules)
+    log.info("mesh %s over %d devices in %d processes", self.parallel.shape, jax.device_count(), jax.process_count())
     with self._timed("load_base"):
       self.base = self._load_base()
+      self.base_boxed = base_lib.boxed_shapes(self.base.model(), self.base.info.image)
+      self.base_shardings = self.parallel.tree_shardings(self.base_boxed)
     with self._timed("data"):
       self._prepare_data()
     self.evaluator = evaluation.Evaluator(self.encoder, self.prompt_len, cfg.data.eval_batch_size,
-                                          cfg.data.max_new_tokens)
+                                          cfg.data.max_new_tokens, self.parallel)
 
   # ------------------------------------------------------------------ set-up
 
@@ -99,10 +107,10 @@ class Stream:
       if recorded != source:
         raise UserError(f"{self.workdir} was made with base {recorded}, the config names {source}; "
                         f"use a new --workdir")
-      return base_lib.load(stored)
-    base = base_lib.load(source)
+      return base_lib.load(stored, self.parallel)
+    base = base_lib.load(source, self.parallel)
+    store.save_base(stored, base.params, base.info, base.tokenizer)  # every process writes its shards
     if jax.process_index() == 0:
-      store.save_base(stored, base.params, base.info, base.tokenizer)
       store.write_json(record, {"source": source})
     log.info("base %s: %.2fM params, template %s", source, lora.count_params(base.params) / 1e6, base.info.template)
     return base
@@ -114,12 +122,14 @@ class Stream:
     names = list(cfg.tasks) + [f for f in cfg.foundation if f not in cfg.tasks]
     self.train_sources = {t: builder.data_source(t, "train", data_dir) for t in cfg.tasks}
     self.eval_sets = {n: evaluation.make_eval_set(n, tasks.get(n).metric, builder.data_source(n, "test", data_dir),
-                                                  jax.process_index(), jax.process_count(), cfg.data.eval_size)
+                                                  cfg.data.eval_size)
                       for n in names}
     self.columns = names
-    if cfg.data.batch_size % jax.process_count():
-      raise UserError(f"data.batch_size {cfg.data.batch_size} is not divisible by {jax.process_count()} processes")
-    self.host_batch = cfg.data.batch_size // jax.process_count()
+    batch_devices = self.parallel.shape["data"] * self.parallel.shape["fsdp"]
+    for key in ("batch_size", "eval_batch_size"):
+      if cfg.data[key] % batch_devices or cfg.data[key] % jax.process_count():
+        raise UserError(f"data.{key}={cfg.data[key]} must be divisible by the {batch_devices} devices of the mesh's "
+                        f"data x fsdp axes and by the {jax.process_count()} processes")
     train_len = max(self.encoder.lengths(s)[1] for s in self.train_sources.values())
     self.seq_len = cfg.data.seq_len or _round_up(train_len, 8)
     self.prompt_len = _round_up(max(self.encoder.lengths(e.source)[0] for e in self.eval_sets.values()), 8)
@@ -134,22 +144,42 @@ class Stream:
 
   def _batches(self, names: list[str], seed: int):
     sources = [self.train_sources[n] for n in names]
-    return pipeline.train_batches(sources, self.encoder, self.seq_len, self.host_batch, seed,
+    return pipeline.train_batches(sources, self.encoder, self.seq_len, self.cfg.data.batch_size, seed,
                                   weights=[1.0] * len(sources) if len(sources) > 1 else None,
-                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+                                  process_index=jax.process_index(), process_count=jax.process_count())
 
-  def _fit(self, label: str, routing: Routing, trained: str, init: Any, frozen: dict, optim: trainer.OptimConfig,
-           names: list[str], seed: int) -> tuple[Any, dict]:
+  def _shardings(self, variables: dict) -> dict:
+    """Shardings of a {'params', 'experts', 'router'} dict (adapters follow the base linear they adapt)."""
+    out = {}
+    for name, tree in variables.items():
+      out[name] = self.base_shardings if name == "params" else self.parallel.adapter_shardings(self.base_boxed, tree)
+    return out
+
+  def _variables(self, variables: dict) -> dict:
+    """Place adapter trees on the mesh (the base is placed when loaded)."""
+    shardings = self._shardings({k: v for k, v in variables.items() if k != "params"})
+    placed = {k: self.parallel.put(v, shardings[k]) for k, v in variables.items() if k != "params"}
+    return {"params": self.base.params, **placed} if "params" in variables else placed
+
+  def _fit(self, label: str, stage_id: str, routing: Routing, trained: str, init: Any, frozen: dict,
+           optim: trainer.OptimConfig, names: list[str], seed: int) -> tuple[Any, dict]:
+    """Train one collection from `init` (resuming WORKDIR/state/<stage_id> if a run was cut short)."""
     model = self.base.model(self.adapter_spec(routing))
-    key = (model.adapter, trained, optim)
+    frozen = self._variables(frozen)
+    init = self._variables({trained: init})[trained]
+    key = (model.adapter, trained, optim, jax.tree_util.tree_structure(frozen))
     if key not in self._steps:
       optimizer = trainer.make_optimizer(optim)
-      self._steps[key] = (optimizer, jax.jit(trainer.make_train_step(model, trained, optimizer), donate_argnums=(0,)))
-    optimizer, step = self._steps[key]
-    state = trainer.init_state(init, optimizer)
-    state, summary = trainer.train(label, None, state, frozen, self._batches(names, seed), optim.steps,
-                                   writer=self.writer, jit_step=step)
-    return state.params, summary
+      trained_sh = self._shardings({trained: init})[trained]
+      shardings = trainer.state_shardings(optimizer, trained_sh, self.parallel, init)
+      step = trainer.compile_step(model, trained, optimizer, shardings, self._shardings(frozen), self.parallel)
+      self._steps[key] = (optimizer, shardings, step)
+    optimizer, shardings, step = self._steps[key]
+    state = trainer.create_state(init, optimizer, shardings)
+    checkpoint = StageCheckpoint(os.path.join(self.workdir, "state", stage_id), self.cfg.checkpoint_every)
+    state, summary = trainer.train(label, step, state, frozen, self._batches(names, seed), optim.steps,
+                                   self.parallel, checkpoint, writer=self.writer)
+    return state.params, {**summary, "_checkpoint": checkpoint}
 
   def _stage_a_optim(self, steps: int | None = None) -> trainer.OptimConfig:
     c = self.cfg.stage_a
@@ -159,14 +189,15 @@ class Stream:
     rng = jax.random.fold_in(jax.random.key(self.cfg.seed), index)
     return lora.init_experts(self.base.params, self.cfg.lora.r, list(self.cfg.lora.target_modules), rng)
 
-  def _train_expert(self, label: str, init: Any, names: list[str], seed: int, steps: int | None = None):
-    return self._fit(label, Routing("single", 0), "experts", init, {"params": self.base.params},
+  def _train_expert(self, label: str, stage_id: str, init: Any, names: list[str], seed: int,
+                    steps: int | None = None):
+    return self._fit(label, stage_id, Routing("single", 0), "experts", init, {"params": self.base.params},
                      self._stage_a_optim(steps), names, seed)
 
-  def _train_router(self, label: str, experts: Any, task: str, seed: int):
+  def _train_router(self, label: str, stage_id: str, experts: Any, task: str, seed: int):
     c = self.cfg.stage_b
     optim = trainer.OptimConfig(c.steps, c.learning_rate, c.warmup_steps, c.weight_decay)
-    return self._fit(label, Routing("sigmoid_gate", 0), "router", lora.init_router(experts),
+    return self._fit(label, stage_id, Routing("sigmoid_gate", 0), "router", lora.init_router(experts),
                      {"params": self.base.params, "experts": experts}, optim, [task], seed)
 
   def _expert_shapes(self) -> Any:
@@ -186,8 +217,10 @@ class Stream:
     if self.eval_only:
       raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
     experts, router, meta = train_fn()
-    if jax.process_index() == 0:
-      store.save_adapter(directory, experts, router, {**meta, "fingerprint": fp})
+    checkpoints = [v.pop("_checkpoint") for v in meta.values() if isinstance(v, dict) and "_checkpoint" in v]
+    store.save_adapter(directory, experts, router, {**meta, "fingerprint": fp})
+    for checkpoint in checkpoints:  # the adapter is committed: the stages' resume points are not needed
+      checkpoint.remove()
     return experts, router
 
   def _lora_meta(self, **extra) -> dict:
@@ -203,10 +236,8 @@ class Stream:
 
   def evaluate_row(self, routing: Routing | None, variables: dict, columns: list[str] | None = None) -> list[float]:
     model = self.base.model(self.adapter_spec(routing or Routing("single", 0)))
-    scores = []
-    for name in columns or self.columns:
-      scores.append(self.evaluator.score(model, {"params": self.base.params, **variables}, self.eval_sets[name]))
-    return scores
+    placed = self._variables({"params": None, **variables})
+    return [self.evaluator.score(model, placed, self.eval_sets[name]) for name in columns or self.columns]
 
   def _log_row(self, method: str, index: int, row: list[float]) -> None:
     label = "before any task" if index == 0 else f"after {self.cfg.tasks[index - 1]}"
@@ -224,32 +255,36 @@ class Stream:
       return store.read_tree(directory, expected, "null-expert prototypes")
     data_dir = self.cfg.data.data_dir or builder.DEFAULT_DATA_DIR
     sources = [builder.data_source(f, "train", data_dir) for f in self.cfg.foundation]
-    per = max(1, self.cfg.router.null_sample // len(sources))
-    batches = [b for s in sources for b in pipeline.eval_batches(s, self.encoder, self.prompt_len, per, 0, per)]
+    batch = self.cfg.data.eval_batch_size
+    per = max(batch, self.cfg.router.null_sample // len(sources) // batch * batch)
     model = self.base.model()
-    experts = self._new_expert(0)  # its inputs are the same as the base's; B = 0 adds nothing
-    sums: dict[tuple[str, ...], Any] = {}
-    count = 0.0
+    variables = self._variables({"params": None, "experts": self._new_expert(0)})  # B = 0: the base's inputs
+    replicated = self.parallel.sharding(())
 
-    @jax.jit
-    def inputs(px, ids, mask):
-      from drex.models.generation import prompt_positions  # pylint: disable=g-import-not-at-top
-      _, st = model.apply({"params": self.base.params, "experts": experts}, px, ids, prompt_positions(mask),
-                          mask.astype(bool), mutable=["intermediates"])
+    def inputs(variables, px, ids, mask):
+      _, st = model.apply(variables, px, ids, prompt_positions(mask), mask.astype(bool), mutable=["intermediates"])
       flat = flax.traverse_util.flatten_dict(st["intermediates"])
       w = mask.astype(jnp.float32)[..., None]
-      return {p[:-1]: (standardize(v[0]) * w).sum((0, 1)) for p, v in flat.items() if p[-1] == "inputs"}, w.sum()
+      return {"/".join(p[:-1]): (standardize(v[0]) * w).sum((0, 1)) for p, v in flat.items()
+              if p[-1] == "inputs" and "language_model" in p}, w.sum()
 
-    for b in batches:
-      s, n = inputs(b["pixel_values"], b["input_ids"], b["attention_mask"])
-      for k, v in s.items():
-        sums[k] = sums.get(k, 0.0) + v
-      count += float(n)
-    protos = flax.traverse_util.unflatten_dict({k + ("null_v",): v / count for k, v in sums.items()})
+    compiled = jax.jit(inputs, out_shardings=replicated)
+    sums: dict[str, Any] = {}
+    count = 0.0
+    for source in sources:
+      for b in pipeline.eval_batches(source, self.encoder, self.prompt_len, batch, per, jax.process_index(),
+                                     jax.process_count()):
+        b["attention_mask"] = b["attention_mask"] * b["valid"][:, None]
+        g = self.parallel.global_batch({k: b[k] for k in ("pixel_values", "input_ids", "attention_mask")})
+        with self.parallel.context():
+          s, n = compiled(variables, g["pixel_values"], g["input_ids"], g["attention_mask"])
+        for k, v in s.items():
+          sums[k] = sums.get(k, 0.0) + np.asarray(v)
+        count += float(n)
+    protos = flax.traverse_util.unflatten_dict({tuple(k.split("/")) + ("null_v",): v / count for k, v in sums.items()})
+    store.write_tree(directory + ".tmp", protos)
     if jax.process_index() == 0:
-      staging = directory + ".tmp"
-      store.write_tree(staging, protos)
-      store.commit(staging, directory)
+      store.commit(directory + ".tmp", directory)
     return protos
 
   # ------------------------------------------------------------------ methods
@@ -264,9 +299,10 @@ class Stream:
 
       def train(i=i, task=task):
         with self._timed("routing/stage_a"):
-          ex, sa = self._train_expert(f"[routing] {task} stage A", self._new_expert(i), [task], cfg.seed + i)
+          ex, sa = self._train_expert(f"[routing] {task} stage A", f"{i}_{task}_A", self._new_expert(i), [task],
+                                      cfg.seed + i)
         with self._timed("routing/stage_b"):
-          rt, sb = self._train_router(f"[routing] {task} stage B", ex, task, cfg.seed + i)
+          rt, sb = self._train_router(f"[routing] {task} stage B", f"{i}_{task}_B", ex, task, cfg.seed + i)
         return ex, rt, self._lora_meta(task=task, index=i, stage_a=sa, stage_b=sb)
 
       ex, rt = self._load_or_train(directory, self._train_fp(task, i, cfg.stage_b), train, with_router=True)
@@ -297,7 +333,7 @@ class Stream:
 
       def train(i=i, task=task, start=current):
         with self._timed("sequential/train"):
-          ex, sa = self._train_expert(f"[sequential] {task}", start, [task], cfg.seed + i)
+          ex, sa = self._train_expert(f"[sequential] {task}", f"sequential_{i}_{task}", start, [task], cfg.seed + i)
         return ex, None, self._lora_meta(task=task, index=i, stage_a=sa)
 
       if i == 0 and os.path.isdir(reuse):  # identical to the routing method's first expert (same init/data/steps)
@@ -317,7 +353,7 @@ class Stream:
 
     def train():
       with self._timed("mtl/train"):
-        ex, sa = self._train_expert("[mtl] all tasks", self._new_expert(0), list(cfg.tasks), cfg.seed, steps)
+        ex, sa = self._train_expert("[mtl] all tasks", "mtl", self._new_expert(0), list(cfg.tasks), cfg.seed, steps)
       return ex, None, self._lora_meta(tasks=list(cfg.tasks), stage_a=sa)
 
     ex, _ = self._load_or_train(directory, self._train_fp("mtl", list(cfg.tasks), steps), train, with_router=False)
@@ -338,8 +374,9 @@ class Stream:
     for name in self.columns:
       eval_set = self.eval_sets[name]
       batch = next(pipeline.eval_batches(eval_set.source, self.encoder, self.prompt_len,
-                                         self.cfg.analysis.routing_batch, 0, self.cfg.analysis.routing_batch))
-      p = evaluation.routing_profile(model, {"params": self.base.params, **variables}, batch)
+                                         self.cfg.analysis.routing_batch, self.cfg.analysis.routing_batch,
+                                         jax.process_index(), jax.process_count()))
+      p = evaluation.routing_profile(model, self._variables({"params": None, **variables}), batch, self.parallel)
       if routing.null_expert:
         p = np.concatenate([p, 1.0 - p.sum(-1, keepdims=True)], -1)
       profiles[name] = p.round(4).tolist()
@@ -362,6 +399,7 @@ class Stream:
     self.timings["total"] = time.time() - begin + self.timings.get("load_base", 0) + self.timings.get("data", 0)
     results["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
     if jax.process_index() == 0:
+      shutil.rmtree(os.path.join(self.workdir, "state"), ignore_errors=True)  # every stage is committed
       store.write_json(os.path.join(self.workdir, results_name), results)
       if results_name == "results.json":
         report.write_all(self.workdir, results)

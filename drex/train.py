@@ -15,7 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from drex import cli
-from drex.stream import Stream
+from drex import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stream config file, e.g. configs/task3.py[:smoke].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
@@ -23,9 +23,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 
 def main(argv):
   del argv
+  cfg = _CONFIG.value
+  d = cfg.distributed
+  parallel.initialize_distributed(d.mode, d.coordinator, d.num_processes, d.process_id)  # before any JAX call
+  from drex.stream import Stream  # pylint: disable=g-import-not-at-top
   config_path = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
-  results = Stream(_CONFIG.value, workdir).run()
+  results = Stream(cfg, workdir).run()
   summary = {m: {k: v for k, v in r.items() if k in ("average_accuracy", "foundation", "backward_transfer")}
              for m, r in results["methods"].items()}
   print(json.dumps({"workdir": workdir, "summary": summary, "seconds": results["timings_s"]["total"]}, indent=1))

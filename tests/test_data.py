@@ -93,6 +93,14 @@ def test_text_only_example_has_no_image_tokens(encoder, tokenizer):
   assert (ex["pixel_values"] == 0).all()
 
 
+def test_train_batches_are_the_same_global_batches_on_any_number_of_hosts(encoder, tmp_path):
+  source = builder.data_source("shape_kind", "test", str(tmp_path))
+  one = pipeline.train_batches([source], encoder, 48, 8, seed=3)
+  two = [pipeline.train_batches([source], encoder, 48, 8, seed=3, process_index=i, process_count=2) for i in range(2)]
+  for _ in range(3):
+    np.testing.assert_array_equal(np.concatenate([next(h)["input_ids"] for h in two]), next(one)["input_ids"])
+
+
 def test_train_batches_are_deterministic_and_resumable(encoder, tmp_path):
   source = builder.data_source("shape_kind", "test", str(tmp_path))
   it = pipeline.train_batches([source], encoder, 48, 4, seed=7)
@@ -107,11 +115,15 @@ def test_train_batches_are_deterministic_and_resumable(encoder, tmp_path):
                                 first[0])
 
 
-def test_eval_batches_pad_last_batch(encoder, tmp_path):
+def test_eval_batches_pad_last_batch_and_split_over_hosts(encoder, tmp_path):
   source = builder.data_source("text_add", "test", str(tmp_path))
-  batches = list(pipeline.eval_batches(source, encoder, 32, 100, 0, 250))
+  batches = list(pipeline.eval_batches(source, encoder, 32, 100, 250))
   assert [b["input_ids"].shape for b in batches] == [(100, 32)] * 3
   assert batches[-1]["valid"].sum() == 50
+  hosts = [list(pipeline.eval_batches(source, encoder, 32, 100, 250, i, 2)) for i in range(2)]
+  for k in range(3):  # the two hosts' rows of global batch k are the one-host batch k, in order
+    np.testing.assert_array_equal(np.concatenate([h[k]["input_ids"] for h in hosts]), batches[k]["input_ids"])
+    np.testing.assert_array_equal(np.concatenate([h[k]["index"] for h in hosts]), batches[k]["index"])
 
 
 def test_tokenizer_roundtrip_and_special_tokens(tokenizer, tmp_path):
@@ -186,12 +198,15 @@ def test_anls():
 
 
 def test_circular_mc_needs_every_rotation():
-  stats = metrics.sufficient_stats("circular_mc", ["A", "B", "C", "D", "A", "A"], ["A", "B", "C", "D", "A", "B"],
-                                   [0, 0, 0, 0, 1, 1])
-  np.testing.assert_array_equal(stats, [1, 2])
-  assert metrics.score_from_stats(stats) == 0.5
-  both = metrics.sufficient_stats("exact_match", ["a"], ["a"], [0]) + metrics.sufficient_stats(
-      "exact_match", ["b", "c"], ["b", "x"], [1, 2])
-  assert metrics.score_from_stats(both) == pytest.approx(2 / 3)  # host sums add up exactly
+  preds, golds, groups = ["A", "B", "C", "D", "A", "A"], ["A", "B", "C", "D", "A", "B"], [0, 0, 0, 0, 1, 1]
+  stats = metrics.sufficient_stats("circular_mc", preds, golds, groups, 2)
+  assert metrics.score_from_stats("circular_mc", stats) == 0.5
+  # Split across two hosts anywhere (even inside a question): the summed statistics give the same score.
+  split = metrics.sufficient_stats("circular_mc", preds[:3], golds[:3], groups[:3], 2) + metrics.sufficient_stats(
+      "circular_mc", preds[3:], golds[3:], groups[3:], 2)
+  np.testing.assert_array_equal(split, stats)
+  both = metrics.sufficient_stats("exact_match", ["a"], ["a"], [0], 3) + metrics.sufficient_stats(
+      "exact_match", ["b", "c"], ["b", "x"], [1, 2], 3)
+  assert metrics.score_from_stats("exact_match", both) == pytest.approx(2 / 3)  # host sums add up exactly
   with pytest.raises(ValueError, match="unknown metric"):
-    metrics.sufficient_stats("bleu", [], [], [])
+    metrics.sufficient_stats("bleu", [], [], [], 0)

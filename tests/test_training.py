@@ -12,6 +12,7 @@ from drex import testing
 from drex.adapters import lora
 from drex.adapters.routing import Routing
 from drex.models import generation, vlm
+from drex.parallel import Parallel
 from drex.training import trainer
 
 
@@ -37,8 +38,9 @@ def _run(cfg, routing, trained, init, frozen, batches, steps, lr):
   optimizer = trainer.make_optimizer(trainer.OptimConfig(steps, lr, warmup_steps=2))
   state = trainer.init_state(init, optimizer)
   before = float(trainer.batch_loss(model, {**frozen, trained: init}, batches[0])[0])
-  state, summary = trainer.train("test", trainer.make_train_step(model, trained, optimizer), state, frozen,
-                                 itertools.cycle(batches), steps, log_every=steps)
+  step = jax.jit(trainer.make_train_step(model, trained, optimizer))
+  state, summary = trainer.train("test", step, state, frozen, itertools.cycle(batches), steps,
+                                 Parallel.create(), log_every=steps)
   after = float(trainer.batch_loss(model, {**frozen, trained: state.params}, batches[0])[0])
   return state, before, after
 

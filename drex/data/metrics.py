@@ -7,7 +7,9 @@ scores from several hosts add up exactly.
 * anls (DocVQA): per question max over golds of 1 - NL if NL < 0.5 else 0, NL = Levenshtein
   distance / max length (lowercased, stripped); an empty gold scores 1 only for an empty answer.
 * circular_mc (MMBench CircularEval): a question counts as right only if every rotation of its
-  options was answered right; the score is over questions (groups), not rotations.
+  options was answered right; the score is over questions (groups), not rotations. Its sufficient
+  statistic is, per question, (rotations seen, rotations answered wrong), so rotations of one
+  question may be scored on different hosts.
 """
 
 from __future__ import annotations
@@ -71,12 +73,13 @@ _PER_EXAMPLE = {"exact_match": exact_match, "relaxed_accuracy": relaxed_accuracy
                 "circular_mc": exact_match}
 
 
-def sufficient_stats(metric: str, predictions: Sequence[str], golds: Sequence[str],
-                     groups: Sequence[int]) -> np.ndarray:
-  """[score sum, count] of a metric over (a host's share of) an evaluation set.
+def sufficient_stats(metric: str, predictions: Sequence[str], golds: Sequence[str], groups: Sequence[int],
+                     num_groups: int) -> np.ndarray:
+  """Sufficient statistics of a metric over (a host's share of) an evaluation set; sum them over
+  hosts, then `score_from_stats`.
 
-  `groups` ties the rotations of one circular multiple-choice question together (all of a group's
-  rotations must be on the same host); other metrics ignore it.
+  Returns [score sum, count], or for circular_mc [seen per group (num_groups), wrong per group
+  (num_groups)]; `groups` are the group ids (0..num_groups-1) of the rotations.
   """
   if metric not in _PER_EXAMPLE:
     raise ValueError(f"unknown metric {metric!r}; use one of {METRICS}")
@@ -85,15 +88,19 @@ def sufficient_stats(metric: str, predictions: Sequence[str], golds: Sequence[st
   scores = np.array([_PER_EXAMPLE[metric](p, g) for p, g in zip(predictions, golds)], np.float64)
   if metric != "circular_mc":
     return np.array([scores.sum(), len(scores)], np.float64)
-  all_right: dict[int, bool] = {}
-  for group, score in zip(groups, scores):
-    all_right[group] = all_right.get(group, True) and score == 1.0
-  return np.array([sum(all_right.values()), len(all_right)], np.float64)
+  seen, wrong = np.zeros(num_groups), np.zeros(num_groups)
+  np.add.at(seen, np.asarray(groups, np.int64), 1)
+  np.add.at(wrong, np.asarray(groups, np.int64), (scores != 1.0).astype(np.float64))
+  return np.concatenate([seen, wrong])
 
 
-def score_from_stats(stats: np.ndarray) -> float:
-  """Mean score from summed [score sum, count]."""
-  total, count = float(stats[0]), float(stats[1])
+def score_from_stats(metric: str, stats: np.ndarray) -> float:
+  """Mean score from summed sufficient statistics."""
+  if metric == "circular_mc":
+    seen, wrong = np.split(np.asarray(stats), 2)
+    total, count = float(((wrong == 0) & (seen > 0)).sum()), float((seen > 0).sum())
+  else:
+    total, count = float(stats[0]), float(stats[1])
   if count == 0:
     raise ValueError("no examples were scored")
   return total / count

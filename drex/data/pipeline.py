@@ -4,7 +4,10 @@ Train batch (left-padded to seq_len):
   pixel_values [B, tiles, S, S, 3] float32, input_ids [B, L] int32, attention_mask [B, L] int32,
   loss_mask [B, L] int32 (1 on answer + separator tokens)
 Eval batch (prompt only, left-padded to prompt_len): pixel_values, input_ids, attention_mask,
-  plus `valid` [B] (0 for padding rows of the last batch). Golds and group ids stay on the host.
+  plus `valid` [B] (0 for padding rows of the last batch) and `index` [B] (record index). Golds
+  and group ids stay on the host.
+
+Batches are global (identical for any number of hosts); each process builds only its own rows.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class Encoder:
       raise ValueError(f"prompt of {len(prompt)} tokens does not fit prompt_len={prompt_len}; raise data.seq_len")
     pad = prompt_len - len(prompt)
     return {"pixel_values": pixels, "input_ids": np.array([self.pad_id] * pad + prompt, np.int32),
-            "attention_mask": np.array([0] * pad + [1] * len(prompt), np.int32), "valid": np.int32(1)}
+            "attention_mask": np.array([0] * pad + [1] * len(prompt), np.int32)}
 
   def lengths(self, source) -> tuple[int, int]:
     """(longest prompt, longest prompt + target) in tokens over a source."""
@@ -115,35 +118,59 @@ def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def train_batches(sources: Sequence, encoder: Encoder, seq_len: int, batch_size: int, seed: int,
-                  weights: Sequence[float] | None = None, shard_index: int = 0, shard_count: int = 1,
+def train_batches(sources: Sequence, encoder: Encoder, seq_len: int, global_batch: int, seed: int,
+                  weights: Sequence[float] | None = None, process_index: int = 0, process_count: int = 1,
                   workers: int = 0) -> grain.DatasetIterator:
-  """An endless, shuffled, checkpointable iterator of train batches over one or several sources.
+  """An endless, shuffled, checkpointable iterator of this process's rows of the global batches.
 
-  Each process reads its own shard (`shard_index` of `shard_count`) and yields batch_size rows;
-  `workers` > 0 formats batches in that many grain worker processes.
+  The global order (sources mixed, each shuffled and repeated) is the same for every process count;
+  global batch k is examples [k*B, (k+1)*B) of it and process i reads rows [i*B/P, (i+1)*B/P) of
+  each, so a run on P hosts sees exactly the batches of a run on one. `workers` > 0 formats batches
+  in that many grain worker processes.
   """
-  datasets = [grain.MapDataset.source(src)[shard_index::shard_count].seed(seed + i).shuffle().repeat()
-              for i, src in enumerate(sources)]
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+  datasets = [grain.MapDataset.source(src).seed(seed + i).shuffle().repeat() for i, src in enumerate(sources)]
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-  ds = ds.map(functools.partial(_train_example, encoder, seq_len)).batch(batch_size, drop_remainder=True)
+  ds = ds.map(functools.partial(_train_example, encoder, seq_len))
+  rows = _HostRows(ds, global_batch, process_index, process_count)
+  host = grain.MapDataset.range(len(ds) // process_count).map(rows)
+  host = host.batch(global_batch // process_count, drop_remainder=True)
   if workers:
-    return iter(ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
-  return iter(ds)
+    return iter(host.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+  return iter(host)
+
+
+class _HostRows:
+  """Row j of process i -> element (j // b) * B + i * b + j % b of the global order (b = B / P)."""
+
+  def __init__(self, ds, global_batch: int, process_index: int, process_count: int):
+    self.ds, self.global_batch = ds, global_batch
+    self.process_index, self.local = process_index, global_batch // process_count
+
+  def __call__(self, j: int):
+    return self.ds[(j // self.local) * self.global_batch + self.process_index * self.local + j % self.local]
 
 
 def _train_example(encoder: Encoder, seq_len: int, record: dict) -> dict[str, np.ndarray]:
   return encoder.train_example(record, seq_len)
 
 
-def eval_batches(source, encoder: Encoder, prompt_len: int, batch_size: int, start: int = 0,
-                 stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Fixed-shape prompt batches over records [start, stop) of a source (all by default); the last
-  batch is padded with copies of its first row, marked valid=0."""
-  ds = grain.MapDataset.source(source)[start:stop]
-  for batch in ds.map(lambda r: encoder.eval_example(r, prompt_len)).batch(batch_size, drop_remainder=False):
-    n = len(batch["valid"])
-    if n < batch_size:
-      batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, 0)]) for k, v in batch.items()}
-      batch["valid"][n:] = 0
-    yield batch
+def eval_batches(source, encoder: Encoder, prompt_len: int, global_batch: int, size: int | None = None,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows of fixed-shape global prompt batches over the first `size` records.
+
+  Global batch k covers records [k*B, (k+1)*B); process i gets rows [i*B/P, (i+1)*B/P) of it.
+  Rows past the end repeat record 0 with valid=0. Each row carries its record `index`.
+  """
+  if global_batch % process_count:
+    raise ValueError(f"eval batch {global_batch} is not divisible by {process_count} processes")
+  size = len(source) if size is None else min(size, len(source))
+  local = global_batch // process_count
+  num_batches = -(-size // global_batch)
+  index = np.array([k * global_batch + process_index * local + j for k in range(num_batches) for j in range(local)])
+  ds = grain.MapDataset.source(source)
+  rows = grain.MapDataset.range(len(index)).map(
+      lambda j: {**encoder.eval_example(ds[int(index[j]) if index[j] < size else 0], prompt_len),
+                 "valid": np.int32(index[j] < size), "index": np.int64(index[j])})
+  yield from rows.batch(local, drop_remainder=False)

@@ -20,8 +20,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from drex.checkpoints.stage import Preempted, StageCheckpoint, stop_requested
 from drex.models.generation import prompt_positions
 from drex.models.vlm import VLM, answer_loss
+from drex.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
@@ -78,31 +80,72 @@ def make_train_step(model: VLM, trained: str, optimizer: optax.GradientTransform
   return step
 
 
-def train(name: str, step_fn: Callable, state: TrainState, frozen: dict, batches: Iterator[dict], steps: int,
-          log_every: int = 50, writer=None, jit_step: Callable | None = None) -> tuple[TrainState, dict]:
-  """Run `steps` steps from state.step; returns the final state and {'loss_first', 'loss_last', 'seconds'}."""
-  compiled = jit_step or jax.jit(step_fn, donate_argnums=(0,))
+def state_shardings(optimizer: optax.GradientTransformation, params_shardings: Any, parallel: Parallel,
+                    params_abstract: Any) -> TrainState:
+  """Shardings of a TrainState: optimizer moments follow their params, scalars are replicated."""
+  replicated = parallel.sharding(())
+  opt_abstract = jax.eval_shape(optimizer.init, params_abstract)
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_abstract, params_shardings,
+                              transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params_shardings, opt_state=opt)
+
+
+def compile_step(model: VLM, trained: str, optimizer: optax.GradientTransformation, shardings: TrainState,
+                 frozen_shardings: dict, parallel: Parallel) -> Callable:
+  """The jitted step with explicit in/out shardings and the state donated."""
+  step = make_train_step(model, trained, optimizer)
+  return jax.jit(step, in_shardings=(shardings, frozen_shardings, parallel.batch_sharding()),
+                 out_shardings=(shardings, parallel.sharding(())), donate_argnums=(0,))
+
+
+def create_state(params: Any, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  return jax.jit(lambda p: init_state(p, optimizer), out_shardings=shardings)(params)
+
+
+def train(label: str, step_fn: Callable, state: TrainState, frozen: dict, batches: Iterator[dict], steps: int,
+          parallel: Parallel, checkpoint: StageCheckpoint | None = None, log_every: int = 50,
+          writer=None) -> tuple[TrainState, dict]:
+  """Run a stage to `steps` from state.step (restored from `checkpoint` when one exists).
+
+  Saves to `checkpoint` every checkpoint.every steps and on SIGTERM (then raises Preempted).
+  Returns the final state and {'loss_first', 'loss_last', 'seconds', 'resumed_from'}.
+  """
+  if checkpoint is not None:
+    state = checkpoint.restore(state, batches)
   start = int(state.step)
   losses = []
   begin = time.time()
-  bar = tqdm(range(start, steps), desc=name, unit="step", leave=False, mininterval=2.0, disable=steps <= start)
+  bar = tqdm(range(start, steps), desc=label, unit="step", leave=False, mininterval=2.0,
+             disable=steps <= start or jax.process_index() != 0)
   for i in bar:
-    batch = next(batches)
-    state, metrics = compiled(state, frozen, batch)
+    batch = parallel.global_batch(next(batches))
+    with parallel.context():
+      state, metrics = step_fn(state, frozen, batch)
     if (i + 1) % log_every == 0 or i + 1 == steps or i == start:
       loss = float(metrics["loss"])
       losses.append(loss)
       bar.set_postfix(loss=f"{loss:.3f}")
       if writer is not None:
-        writer.add_scalar(f"{name}/loss", loss, i + 1)
+        writer.add_scalar(f"{label}/loss", loss, i + 1)
+    if checkpoint is not None and i + 1 < steps:
+      if _stop_everywhere(i + 1, checkpoint.every):
+        checkpoint.save(i + 1, state, batches, force=True)
+        raise Preempted(f"stopped by SIGTERM at step {i + 1} of {label}; its state is saved in "
+                        f"{checkpoint.directory}: re-run the same command to resume")
+      checkpoint.save(i + 1, state, batches)
   seconds = time.time() - begin
   summary = {"loss_first": losses[0] if losses else float("nan"), "loss_last": losses[-1] if losses else float("nan"),
-             "seconds": seconds}
-  log.info("%s: %d steps in %.1fs, loss %.3f -> %.3f", name, steps - start, seconds, summary["loss_first"],
-               summary["loss_last"])
+             "seconds": round(seconds, 2), "resumed_from": start}
+  log.info("%s: %d steps in %.1fs, loss %.3f -> %.3f", label, steps - start, seconds, summary["loss_first"],
+           summary["loss_last"])
   return state, summary
 
 
-def to_device_batch(batch: dict) -> dict:
-  """Drop host-only fields."""
-  return {k: np.asarray(v) for k, v in batch.items() if k != "valid"}
+def _stop_everywhere(step: int, every: int) -> bool:
+  """Whether SIGTERM arrived (on any host: hosts agree at checkpoint steps, so they save together)."""
+  if jax.process_count() == 1:
+    return stop_requested()
+  if step % every:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.process_allgather(np.int32(stop_requested())).max())

@@ -1,0 +1,72 @@
+"""The main job end to end on the shipped tiny base.
+
+CI runs the `:smoke` stream (one short task); the full `configs/task3.py` run, with the paper's
+effects checked, is marked slow (python -m pytest -m slow tests/test_end_to_end.py)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from drex import base as base_lib
+from drex.cli import load_config_file
+from drex.stream import Stream
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _check_schema(results, num_tasks, num_foundation):
+  assert set(results) >= {"tasks", "foundation", "methods", "oracle", "timings_s"}
+  for name, m in results["methods"].items():
+    assert set(m) >= {"columns", "matrix", "average_accuracy", "forgetting", "backward_transfer",
+                      "foundation_retention"}, name
+    matrix = np.asarray(m["matrix"])
+    assert matrix.shape[1] == num_tasks + num_foundation and ((0 <= matrix) & (matrix <= 1)).all()
+    assert m["columns"] == results["tasks"] + results["foundation"]
+  assert np.asarray(results["methods"]["routing"]["matrix"]).shape[0] == num_tasks + 1
+  assert set(results["oracle"]) == set(results["tasks"])
+
+
+def test_shipped_base_is_small_and_loads():
+  path = base_lib.shipped_path()
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+  assert size <= 20e6
+  base = base_lib.load()
+  assert base.info.template == "tiny" and base.info.provenance["command"].startswith("python -m drex.pretrain")
+
+
+def test_smoke_stream_end_to_end_reuse_and_reevaluation(tmp_path):
+  cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py:smoke"))
+  workdir = str(tmp_path / "run")
+  results = Stream(cfg, workdir).run()
+  _check_schema(results, 1, 3)
+  for name in ("results.json", "report.md", "plots/matrix_routing.png", "plots/routing_routing.png",
+               "adapters/shape_color/metadata.json", "base/config.json", "baselines/mtl/metadata.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  stored = json.load(open(os.path.join(workdir, "results.json")))
+  base_mtime = os.path.getmtime(os.path.join(workdir, "base", "config.json"))
+
+  again = Stream(cfg, workdir).run()  # finished workdir: nothing is trained again
+  assert not any(k.endswith(("stage_a", "stage_b", "/train")) for k in again["timings_s"])
+  assert os.path.getmtime(os.path.join(workdir, "base", "config.json")) == base_mtime
+  evaluated = Stream(cfg, workdir, eval_only=True).run("evaluation.json")
+  for method in stored["methods"]:
+    assert again["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
+    assert evaluated["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
+
+
+@pytest.mark.slow
+def test_task3_shows_the_method(tmp_path):
+  """The issue's demonstration: routing keeps the foundation and its tasks; sequential forgets."""
+  cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py"))
+  r = Stream(cfg, str(tmp_path / "task3")).run()
+  routing, sequential = r["methods"]["routing"], r["methods"]["sequential"]
+  t = len(r["tasks"])
+  assert routing["foundation_retention"] >= -0.02
+  for j, task in enumerate(r["tasks"]):
+    assert routing["matrix"][-1][j] >= 0.9 * r["oracle"][task], task
+  seq = np.asarray(sequential["matrix"])
+  drop = np.mean([seq[j + 1, j] - seq[t, j] for j in range(t - 1)])
+  assert drop >= 0.15
+  assert "mtl" in r["methods"]

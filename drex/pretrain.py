@@ -37,7 +37,7 @@ from drex.training import trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/base_tiny.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; WORKDIR/base is written once.")
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("drex.pretrain")  # __name__ is "__main__" under python -m
 
 
 def main(argv):

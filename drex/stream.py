@@ -120,6 +120,9 @@ class Stream:
     data_dir = cfg.data.data_dir or builder.DEFAULT_DATA_DIR
     self.encoder = self.base.encoder()
     names = list(cfg.tasks) + [f for f in cfg.foundation if f not in cfg.tasks]
+    if jax.process_index() == 0:  # build the datasets once, then every process reads them
+      builder.prepare_all(names, data_dir)
+    store.sync("datasets prepared")
     self.train_sources = {t: builder.data_source(t, "train", data_dir) for t in cfg.tasks}
     self.eval_sets = {n: evaluation.make_eval_set(n, tasks.get(n).metric, builder.data_source(n, "test", data_dir),
                                                   cfg.data.eval_size)
@@ -252,7 +255,7 @@ class Stream:
     expected = _rename_leaves(jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype),
                                                      lora.init_router(self._expert_shapes())), "v", "null_v")
     if os.path.isdir(directory):
-      return store.read_tree(directory, expected, "null-expert prototypes")
+      return store.load_tree(directory, expected, "null-expert prototypes")
     data_dir = self.cfg.data.data_dir or builder.DEFAULT_DATA_DIR
     sources = [builder.data_source(f, "train", data_dir) for f in self.cfg.foundation]
     batch = self.cfg.data.eval_batch_size
@@ -282,9 +285,7 @@ class Stream:
           sums[k] = sums.get(k, 0.0) + np.asarray(v)
         count += float(n)
     protos = flax.traverse_util.unflatten_dict({tuple(k.split("/")) + ("null_v",): v / count for k, v in sums.items()})
-    store.write_tree(directory + ".tmp", protos)
-    if jax.process_index() == 0:
-      store.commit(directory + ".tmp", directory)
+    store.save_tree(directory, protos)
     return protos
 
   # ------------------------------------------------------------------ methods

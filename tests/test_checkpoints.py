@@ -42,7 +42,7 @@ def test_adapter_roundtrip_gives_identical_logits(setup, tmp_path):
   before = model.apply({"params": params, "experts": experts, "router": router}, *args)[0]
   after = model.apply({"params": params, "experts": ex2, "router": rt2}, *args)[0]
   np.testing.assert_array_equal(before, after)
-  assert not [p for p in os.listdir(tmp_path / "adapters") if ".tmp-" in p]  # no staging left behind
+  assert not [p for p in os.listdir(tmp_path / "adapters") if ".tmp" in p]  # no staging left behind
 
 
 def test_existing_checkpoint_is_never_overwritten(setup, tmp_path):

@@ -7,10 +7,11 @@
   <workdir>/adapters/<name>/router/    orbax tree, v: [1, d_in]      (absent for plain LoRA)
   <workdir>/adapters/<name>/metadata.json
 
-Every write goes to a temporary sibling directory that is renamed into place only when complete,
-so an interrupted save never leaves a half-written checkpoint under the final name, and an existing
-checkpoint is never overwritten. Every restore checks names and shapes against what the model
-expects and reports each offender in one error.
+Every write goes to a temporary sibling directory (`<name>.tmp`) that is renamed into place only
+when complete, so an interrupted save never leaves a half-written checkpoint under the final name,
+and an existing checkpoint is never overwritten. Every restore checks names and shapes against what
+the model expects and reports each offender in one error. On several hosts every process calls the
+save functions (orbax writes each process's shards; process 0 writes the JSON and renames).
 """
 
 from __future__ import annotations
@@ -54,16 +55,31 @@ class BaseInfo:
 # ----------------------------------------------------------------------------- generic trees
 
 
-def _staging(path: str) -> str:
-  return f"{path.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
+def sync(name: str) -> None:
+  """Barrier across processes (no-op on one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def staging_for(path: str) -> str:
+  """A fresh staging directory for `path` (a stale one from an interrupted save is removed)."""
+  if os.path.exists(path):
+    raise UserError(f"refusing to overwrite existing checkpoint {path}; move it away or use another workdir")
+  staging = f"{path.rstrip(os.sep)}.tmp"
+  if jax.process_index() == 0:
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+  sync(f"staging {staging}")
+  return staging
 
 
 def commit(staging: str, path: str) -> None:
-  """Atomically move a finished staging directory into place; never replaces an existing one."""
-  if os.path.exists(path):
-    shutil.rmtree(staging, ignore_errors=True)
-    raise UserError(f"refusing to overwrite existing checkpoint {path}; move it away or use another workdir")
-  os.rename(staging, path)
+  """Atomically move a finished staging directory into place (process 0, after every process wrote)."""
+  sync(f"commit {path}")
+  if jax.process_index() == 0:
+    os.rename(staging, path)
+  sync(f"committed {path}")
 
 
 def write_tree(path: str, tree: Any) -> None:
@@ -151,10 +167,10 @@ def read_json(path: str, what: str) -> Any:
 
 def save_base(directory: str, params: Any, info: BaseInfo, tokenizer: tok_lib.Tokenizer) -> None:
   """Write a base checkpoint directory once (atomically)."""
-  staging = _staging(directory)
-  os.makedirs(staging)
-  write_json(os.path.join(staging, "config.json"), info.to_json())
-  tokenizer.save(staging)
+  staging = staging_for(directory)
+  if jax.process_index() == 0:
+    write_json(os.path.join(staging, "config.json"), info.to_json())
+    tokenizer.save(staging)
   write_tree(os.path.join(staging, "params"), params)
   commit(staging, directory)
 
@@ -173,14 +189,27 @@ def load_base_params(directory: str, expected: Any) -> Any:
 
 def save_adapter(directory: str, experts: Any, router: Any | None, metadata: dict) -> None:
   """Write one task's adapter (expert slice, its routing vectors, JSON metadata) once."""
-  staging = _staging(directory)
-  os.makedirs(staging)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+  sync(f"parent {directory}")
+  staging = staging_for(directory)
   write_tree(os.path.join(staging, "experts"), experts)
   if router is not None:
     write_tree(os.path.join(staging, "router"), router)
-  write_json(os.path.join(staging, "metadata.json"), metadata)
-  os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+  if jax.process_index() == 0:
+    write_json(os.path.join(staging, "metadata.json"), metadata)
   commit(staging, directory)
+
+
+def save_tree(directory: str, tree: Any) -> None:
+  """A lone pytree checkpoint, written once (atomically)."""
+  staging = staging_for(directory)
+  write_tree(os.path.join(staging, "tree"), tree)
+  commit(staging, directory)
+
+
+def load_tree(directory: str, expected: Any, what: str) -> Any:
+  return read_tree(os.path.join(directory, "tree"), expected, what)
 
 
 def load_adapter(directory: str, expected_experts: Any | None = None,
@@ -190,8 +219,3 @@ def load_adapter(directory: str, expected_experts: Any | None = None,
   router_path = os.path.join(directory, "router")
   router = read_tree(router_path, expected_router, what=f"router {directory}") if os.path.isdir(router_path) else None
   return experts, router, metadata
-
-
-def is_complete(directory: str) -> bool:
-  """A committed checkpoint directory (staging directories never carry the final name)."""
-  return os.path.isdir(directory) and not os.path.basename(directory.rstrip(os.sep)).count(".tmp-")

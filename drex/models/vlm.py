@@ -47,8 +47,9 @@ class Projector(nn.Module):
   def __call__(self, x):
     dense = lambda f, axes, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                                            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes))
+    # Column- then row-parallel (as an MLP): the hidden width is split over 'mlp', the output is 'embed'.
     x = layer_norm(self.eps, self.param_dtype, self.dtype, name="norm")(x)
-    x = gelu(dense(self.d_model, ("mlp", "embed"), "linear_1")(x))
+    x = gelu(dense(self.d_model, (None, "mlp"), "linear_1")(x))
     return dense(self.d_model, ("mlp", "embed"), "linear_2")(x)
 
 

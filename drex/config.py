@@ -7,6 +7,8 @@ CPU run (the `:smoke` mode of the config files, used by CI).
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from drex import parallel
@@ -123,6 +125,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      ("stage_b.steps", c.stage_b.steps), ("data.batch_size", c.data.batch_size)]:
     if value < 1:
       raise UserError(f"config.{key} must be >= 1, got {value}")
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a drex.train workdir was made with (WORKDIR/config.json)."""
+  from drex.checkpoints import store  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(_tuples(store.read_json(os.path.join(workdir, "config.json"), "run config")))
+
+
+def _tuples(tree):
+  """JSON lists back to the tuples the config uses."""
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
 
 
 def inference_routing(c: ml_collections.ConfigDict, num_experts: int) -> routing.Routing:

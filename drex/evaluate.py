@@ -12,10 +12,10 @@ import json
 import os
 
 from absl import flags
-import ml_collections
 import numpy as np
 
 from drex import cli
+from drex import config as config_lib
 from drex.checkpoints import store
 from drex.errors import UserError
 from drex.stream import Stream
@@ -31,8 +31,7 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     raise UserError("--workdir is required")
-  stored = store.read_json(os.path.join(workdir, "config.json"), "run config")
-  cfg = ml_collections.ConfigDict(_tuples(stored))
+  cfg = config_lib.read_run_config(workdir)
   for key, flag in (("k", _ROUTER_K), ("null_expert", _NULL), ("kind", _ROUTER)):
     if flag.value is not None:
       cfg.router[key] = flag.value
@@ -47,13 +46,6 @@ def main(argv):
   print(json.dumps({"methods": {m: {"matrix": r["matrix"], "average_accuracy": r["average_accuracy"],
                                     "foundation": r["foundation"]} for m, r in results["methods"].items()},
                     "max_abs_difference_from_results_json": report}, indent=1))
-
-
-def _tuples(tree):
-  """JSON lists back to the tuples the config uses."""
-  if isinstance(tree, dict):
-    return {k: _tuples(v) for k, v in tree.items()}
-  return tuple(tree) if isinstance(tree, list) else tree
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ class Stream:
         routing = config_lib.inference_routing(cfg, len(experts))
         router_tree = lora.stack(routers)
         if null is not None:
-          router_tree = _merge(router_tree, null)
+          router_tree = lora.merge_trees(router_tree, null)
         variables = {"experts": lora.stack(experts), "router": router_tree}
         rows.append(self.evaluate_row(routing, variables))
       self._log_row("routing", i + 1, rows[-1])
@@ -412,8 +412,3 @@ def _rename_leaves(tree: dict, old: str, new: str) -> dict:
   flat = flax.traverse_util.flatten_dict(tree)
   return flax.traverse_util.unflatten_dict({(p[:-1] + (new,) if p[-1] == old else p): v for p, v in flat.items()})
 
-
-def _merge(a: dict, b: dict) -> dict:
-  flat = flax.traverse_util.flatten_dict(a)
-  flat.update(flax.traverse_util.flatten_dict(b))
-  return flax.traverse_util.unflatten_dict(flat)

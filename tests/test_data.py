@@ -1,6 +1,5 @@
 """The task family, TFDS builder, grain pipeline, tokenizer, templates, tiling and metrics."""
 
-import os
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """The plain-JAX adapter mixture against a per-expert loop written from the definition."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -163,6 +163,14 @@ def merge_into_base(base_params: dict, experts: dict, index: int, scale: float) 
   return flax.traverse_util.unflatten_dict(flat_base)
 
 
+def merge_trees(*trees: dict) -> dict:
+  """Union of nested dicts (later trees win on equal paths), e.g. routing vectors + null prototypes."""
+  flat = {}
+  for tree in trees:
+    flat.update(flax.traverse_util.flatten_dict(tree))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
 def count_params(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 

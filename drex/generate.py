@@ -1,0 +1,74 @@
+"""Ask a routed model of a drex.train workdir a question about an image (or a text-only question).
+
+  python -m drex.generate --workdir=runs/task3 --image=shape.png --question="what colour is the shape ?"
+
+Prints the answer and, per decoder layer, the mean routing weight of each expert over the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from drex import base as base_lib
+from drex import cli
+from drex import config as config_lib
+from drex import evaluation
+from drex.adapters import lora
+from drex.checkpoints import store
+from drex.data import images
+from drex.errors import UserError
+from drex.models.generation import greedy_generate
+from drex.parallel import Parallel
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
+_IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG/...); omit for a text-only question.")
+_QUESTION = flags.DEFINE_string("question", None, "The question.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate at most.")
+
+
+def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.ConfigDict, list[str]]:
+  """Base, variables (params + stacked experts + router) and config of a finished workdir."""
+  cfg = config_lib.read_run_config(workdir)
+  base = base_lib.load(os.path.join(workdir, "base"))
+  experts, routers = [], []
+  for task in cfg.tasks:
+    directory = os.path.join(workdir, "adapters", task)
+    if not os.path.isdir(directory):
+      raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
+    ex, rt, _ = store.load_adapter(directory)
+    experts.append(ex)
+    routers.append(rt)
+  router = lora.stack(routers)
+  if cfg.router.null_expert and cfg.router.kind == "topk":
+    router = lora.merge_trees(router, store.load_tree(os.path.join(workdir, "null_router"), None,
+                                                      "null-expert prototypes"))
+  return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value or not _QUESTION.value:
+    raise UserError("--workdir and --question are required")
+  base, variables, cfg, names = load_routed(_WORKDIR.value)
+  routing = config_lib.inference_routing(cfg, len(names))
+  model = base.model(lora.AdapterSpec(routing, cfg.lora.lora_alpha, cfg.lora.rslora, cfg.lora.kernel))
+  encoder = base.encoder()
+  image = images.load_image(_IMAGE.value) if _IMAGE.value else None
+  pixels, tiles = encoder.pixels(image)
+  ids = np.asarray([encoder.prompt_ids(_QUESTION.value, tiles)], np.int32)
+  mask = np.ones_like(ids)
+  tokens = greedy_generate(model, variables, pixels[None], ids, mask, _MAX_NEW.value, encoder.eos_id, encoder.pad_id)
+  batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}
+  profile = evaluation.routing_profile(model, variables, batch, Parallel.create((1, 1, 1), devices=jax.devices()[:1]))
+  print(json.dumps({"answer": encoder.decode_answer(np.asarray(tokens[0])), "experts": names,
+                    "routing_per_layer": np.round(profile, 3).tolist()}, indent=1))
+
+
+if __name__ == "__main__":
+  cli.run(main, "drex.generate")

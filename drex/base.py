@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import importlib_resources
 
 from drex.adapters.lora import AdapterSpec
-from drex.checkpoints import store
+from drex.checkpoints import hf_import, store
 from drex.data import pipeline, prompts, tasks
 from drex.data import tokenizer as tok_lib
 from drex.errors import UserError
@@ -68,10 +68,20 @@ def init_params(model: VLM, image: pipeline.ImageSpec, rng: jax.Array) -> Any:
 
 def load(path: str = "", parallel: Parallel | None = None) -> Base:
   """Load a base checkpoint directory ('' = the shipped tiny base), checking every tensor; with
-  `parallel`, each tensor is restored straight into its sharding on the mesh."""
+  `parallel`, each tensor is restored straight into its sharding on the mesh.
+
+  `path` is a drex base (config.json with 'model'/'template', params/) or a HF / OpenGVLab
+  InternVL-2 checkpoint directory (config.json + safetensors + tokenizer), imported on the fly.
+  """
   path = path or shipped_path()
   if not os.path.isdir(path):
     raise UserError(f"base checkpoint directory not found: {path}")
+  if hf_import.is_checkpoint_dir(path):
+    info, tokenizer = hf_import.base_info(path)
+    shapes = param_shapes(VLM(info.model), info.image, parallel)
+    shardings = jax.tree_util.tree_map(lambda s: s.sharding, shapes) if parallel is not None else None
+    params = hf_import.load_params(path, info.model, shardings=shardings, expected=shapes)
+    return Base(info, tokenizer, params, path)
   info, tokenizer = store.load_base_info(path)
   params = store.load_base_params(path, param_shapes(VLM(info.model), info.image, parallel))
   return Base(info, tokenizer, params, path)

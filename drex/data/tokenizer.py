@@ -6,11 +6,13 @@ sentencepiece (tokenizer.model) for the original InternLM2 / Phi-3 checkpoints.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Iterable, Sequence
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -19,48 +21,165 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IM_START, IM_END, IMG_START, IMG_END, IMG_
 
 
 class Tokenizer:
-  """Text <-> ids. Wraps a HF `tokenizers.Tokenizer` or a sentencepiece processor."""
+  """Text <-> ids. Wraps a HF `tokenizers.Tokenizer` or a sentencepiece processor.
 
-  def __init__(self, backend, kind: str):
+  The sentencepiece path behaves like the slow HF tokenizers of InternLM2 / Phi-3 (`tokenizer.model`):
+  the text is split on the added tokens (`<|im_start|>`, `<img>`, `<IMG_CONTEXT>`, ... from
+  `tokenizer_config.json` / `added_tokens.json`) and on the control pieces (`<s>`, `</s>`, `<unk>`);
+  those map straight to their ids and every other segment is encoded by sentencepiece on its own.
+  """
+
+  def __init__(self, backend, kind: str, added_tokens: dict[str, int] | None = None,
+               special_ids: Iterable[int] = ()):
     self._backend = backend
     self.kind = kind  # 'hf' | 'sentencepiece'
+    self.added_tokens = dict(added_tokens or {})  # sentencepiece: content -> id, outside the sp model
+    if kind == "sentencepiece":
+      for i in range(backend.get_piece_size()):  # <s>, </s>, <unk>: matched in text like added tokens
+        if backend.IsControl(i) or backend.IsUnknown(i):
+          self.added_tokens.setdefault(backend.id_to_piece(i), i)
+      self._special_ids = {i for i in range(backend.get_piece_size()) if backend.IsControl(i)} | set(special_ids)
+      self._id_to_added = {i: t for t, i in self.added_tokens.items()}
+      tokens = sorted(self.added_tokens, key=len, reverse=True)
+      self._split = re.compile("(" + "|".join(re.escape(t) for t in tokens) + ")") if tokens else None
 
   # -- construction
   @classmethod
   def load(cls, directory: str) -> "Tokenizer":
-    """tokenizer.json (preferred) or tokenizer.model from a checkpoint directory."""
+    """tokenizer.json (preferred) or tokenizer.model (+ its added tokens) from a checkpoint directory."""
     json_path, sp_path = os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer.model")
     if os.path.exists(json_path):
       return cls(tokenizers.Tokenizer.from_file(json_path), "hf")
     if os.path.exists(sp_path):
       import sentencepiece  # pylint: disable=g-import-not-at-top
-      return cls(sentencepiece.SentencePieceProcessor(model_file=sp_path), "sentencepiece")
-    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {directory}; copy the checkpoint's tokenizer files there")
+      added, special = _added_tokens(directory)
+      return cls(sentencepiece.SentencePieceProcessor(model_file=sp_path), "sentencepiece", added, special)
+    hint = ""
+    if os.path.exists(os.path.join(directory, "vocab.json")):
+      if _tokenizer_class(directory) == "Qwen2Tokenizer" and os.path.exists(os.path.join(directory, "merges.txt")):
+        return cls(_qwen2_bpe(directory), "hf")
+      hint = (" (this checkpoint has a slow vocab.json/merges.txt tokenizer: write tokenizer.json next to it with "
+              "`transformers.AutoTokenizer.from_pretrained(DIR, trust_remote_code=True).save_pretrained(DIR)`)")
+    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {directory}{hint}; "
+                            f"copy the checkpoint's tokenizer files there")
 
   def save(self, directory: str) -> None:
-    if self.kind != "hf":
-      raise ValueError("only HF tokenizers are saved by drex; copy tokenizer.model next to the checkpoint instead")
-    self._backend.save(os.path.join(directory, "tokenizer.json"))
+    """Write the tokenizer so that `Tokenizer.load(directory)` gives the same one back."""
+    if self.kind == "hf":
+      self._backend.save(os.path.join(directory, "tokenizer.json"))
+      return
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+      f.write(self._backend.serialized_model_proto())
+    sp = self._backend
+    control = {t for t, i in self.added_tokens.items()
+               if i < sp.get_piece_size() and (sp.IsControl(i) or sp.IsUnknown(i)) and sp.id_to_piece(i) == t}
+    extra = {t: i for t, i in self.added_tokens.items() if t not in control}
+    decoder = {str(i): {"content": t, "special": i in self._special_ids} for t, i in sorted(extra.items())}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump({"added_tokens_decoder": decoder}, f, indent=1, ensure_ascii=False)
 
   # -- use
   def encode(self, text: str) -> list[int]:
     if self.kind == "hf":
       return self._backend.encode(text, add_special_tokens=False).ids
-    return self._backend.encode(text)
+    if self._split is None:
+      return self._backend.encode(text)
+    ids: list[int] = []
+    for i, part in enumerate(self._split.split(text)):
+      if i % 2:
+        ids.append(self.added_tokens[part])
+      elif part:
+        ids += self._backend.encode(part)
+    return ids
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._backend.decode(list(ids), skip_special_tokens=True) if self.kind == "hf" else self._backend.decode(
-        [i for i in ids if not self._backend.IsControl(i)])
+    if self.kind == "hf":
+      return self._backend.decode(list(ids), skip_special_tokens=True)
+    out, run = [], []
+    for i in ids:
+      i = int(i)
+      if i in self._special_ids or i in self._id_to_added:
+        if run:
+          out.append(self._backend.decode(run))
+          run = []
+        if i not in self._special_ids:
+          out.append(self._id_to_added[i])
+      elif 0 <= i < self._backend.get_piece_size():
+        run.append(i)
+    if run:
+      out.append(self._backend.decode(run))
+    return "".join(out)
 
   def token_id(self, token: str) -> int:
-    index = self._backend.token_to_id(token) if self.kind == "hf" else self._backend.piece_to_id(token)
-    if index is None or (self.kind == "sentencepiece" and index == self._backend.unk_id() and token != UNK):
+    if self.kind == "hf":
+      index = self._backend.token_to_id(token)
+    elif token in self.added_tokens:
+      index = self.added_tokens[token]
+    else:
+      index = self._backend.piece_to_id(token)
+      if index == self._backend.unk_id() and token != UNK:
+        index = None
+    if index is None:
       raise ValueError(f"the tokenizer has no token {token!r}; is this an InternVL-2 tokenizer?")
     return int(index)
 
   @property
   def vocab_size(self) -> int:
-    return self._backend.get_vocab_size() if self.kind == "hf" else self._backend.get_piece_size()
+    if self.kind == "hf":
+      return self._backend.get_vocab_size()
+    return max([self._backend.get_piece_size()] + [i + 1 for i in self.added_tokens.values()])
+
+
+# Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer, byte-level BPE).
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+               r"""\s+(?!\S)|\s+""")
+
+
+def _tokenizer_class(directory: str) -> str | None:
+  path = os.path.join(directory, "tokenizer_config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("tokenizer_class")
+
+
+def _qwen2_bpe(directory: str) -> tokenizers.Tokenizer:
+  """The fast equivalent of a Qwen2Tokenizer saved as vocab.json + merges.txt (+ its added tokens)."""
+  tok = tokenizers.Tokenizer(models.BPE.from_file(os.path.join(directory, "vocab.json"),
+                                                  os.path.join(directory, "merges.txt")))
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  added, special = _added_tokens(directory)
+  for content, index in sorted(added.items(), key=lambda item: item[1]):
+    if tok.token_to_id(content) is None:
+      token = tokenizers.AddedToken(content, special=index in special, normalized=False)
+      (tok.add_special_tokens if index in special else tok.add_tokens)([token])
+    if tok.token_to_id(content) != index:
+      raise ValueError(f"added token {content!r} should have id {index} but gets {tok.token_to_id(content)}; write "
+                       f"tokenizer.json with transformers' AutoTokenizer(...).save_pretrained")
+  return tok
+
+
+def _added_tokens(directory: str) -> tuple[dict[str, int], set[int]]:
+  """Added tokens of a slow HF tokenizer: tokenizer_config.json `added_tokens_decoder` and added_tokens.json."""
+  added: dict[str, int] = {}
+  special: set[int] = set()
+  path = os.path.join(directory, "added_tokens.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      added.update({str(t): int(i) for t, i in json.load(f).items()})
+  path = os.path.join(directory, "tokenizer_config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      decoder = json.load(f).get("added_tokens_decoder", {}) or {}
+    for i, entry in decoder.items():
+      added[entry["content"]] = int(i)
+      if entry.get("special"):
+        special.add(int(i))
+  return added, special
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

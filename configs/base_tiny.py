@@ -15,7 +15,7 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   c.data = "pretrain"  # 'pretrain' (the large pretraining splits) or 'train' (the tasks' small train splits)
   c.data_workers = 0  # grain worker processes formatting batches (0 = in the main process)
   c.batch_size = 64  # examples per step
-  c.steps = 6000  # optimizer steps
+  c.steps = 8000  # optimizer steps
   c.learning_rate = 1e-3  # peak AdamW learning rate
   c.warmup_steps = 300  # linear warmup steps
   c.weight_decay = 0.01  # AdamW weight decay

@@ -69,9 +69,9 @@ def main(argv):
   eval_sets = [evaluation.make_eval_set(name, tasks.get(name).metric, builder.data_source(name, "test", data_dir),
                                         limit=cfg.eval_size)
                for name in tasks.FOUNDATION]
-  lengths = [encoder.lengths(s.source) for s in eval_sets]
-  prompt_len = _round_up(max(p for p, _ in lengths), 8)
-  seq_len = _round_up(max(t for _, t in lengths), 8)
+  train_lengths = [encoder.lengths(_Head(src, 2000)) for src in sources]  # + slack: a sample, not the whole set
+  prompt_len = _round_up(max(encoder.lengths(s.source)[0] for s in eval_sets), 8)
+  seq_len = _round_up(max(t for _, t in train_lengths) + 2, 8)
   log.info("model %s; tokenizer %d tokens; seq_len %d", info.model.llm, tokenizer.vocab_size, seq_len)
 
   par = parallel.Parallel.create()
@@ -118,6 +118,19 @@ def main(argv):
       raise UserError(f"{cfg.export_to} exists; remove it first to replace the exported base")
     shutil.copytree(base_dir, cfg.export_to)
     log.info("exported to %s", cfg.export_to)
+
+
+class _Head:
+  """The first n records of a source."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, min(n, len(source))
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return self.source[i]
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -250,9 +250,11 @@ class Stream:
         self.writer.add_scalar(f"{method}/{c}", v, index)
 
   def null_prototypes(self) -> Any:
-    """Mean standardized input of each adapted linear over unlabeled foundation prompts: [d_in] each."""
+    """The base as a zero-output expert: per adapted linear, the mean standardized input over
+    unlabeled prompts of each foundation-suite member, null_v [K, d_in] (K = suite size)."""
     directory = os.path.join(self.workdir, "null_router")
-    expected = _rename_leaves(jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype),
+    k = len(self.cfg.foundation)
+    expected = _rename_leaves(jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct((k,) + v.shape[1:], v.dtype),
                                                      lora.init_router(self._expert_shapes())), "v", "null_v")
     if os.path.isdir(directory):
       return store.load_tree(directory, expected, "null-expert prototypes")
@@ -272,19 +274,22 @@ class Stream:
               if p[-1] == "inputs" and "language_model" in p}, w.sum()
 
     compiled = jax.jit(inputs, out_shardings=replicated)
-    sums: dict[str, Any] = {}
-    count = 0.0
+    means: list[dict[str, np.ndarray]] = []
     for source in sources:
+      sums: dict[str, Any] = {}
+      count = 0.0
       for b in pipeline.eval_batches(source, self.encoder, self.prompt_len, batch, per, jax.process_index(),
                                      jax.process_count()):
         b["attention_mask"] = b["attention_mask"] * b["valid"][:, None]
-        g = self.parallel.global_batch({k: b[k] for k in ("pixel_values", "input_ids", "attention_mask")})
+        g = self.parallel.global_batch({key: b[key] for key in ("pixel_values", "input_ids", "attention_mask")})
         with self.parallel.context():
           s, n = compiled(variables, g["pixel_values"], g["input_ids"], g["attention_mask"])
-        for k, v in s.items():
-          sums[k] = sums.get(k, 0.0) + np.asarray(v)
+        for key, v in s.items():
+          sums[key] = sums.get(key, 0.0) + np.asarray(v)
         count += float(n)
-    protos = flax.traverse_util.unflatten_dict({tuple(k.split("/")) + ("null_v",): v / count for k, v in sums.items()})
+      means.append({key: v / count for key, v in sums.items()})
+    protos = flax.traverse_util.unflatten_dict({tuple(key.split("/")) + ("null_v",): np.stack([m[key] for m in means])
+                                                for key in means[0]})
     store.save_tree(directory, protos)
     return protos
 

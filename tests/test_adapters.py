@@ -141,7 +141,7 @@ def test_phatgoose_scores_standardize_and_scale():
 
 def test_null_expert_takes_weight_and_contributes_nothing():
   x, v = _scores_setup()
-  null_v = x.mean(0)  # a prototype close to every token
+  null_v = x.mean(0, keepdims=True)  # one prototype close to every token
   g = routing.compute_gates(Routing("topk", k=2, null_expert=True), x, 4, v=v, null_v=null_v)
   chex.assert_shape(g, (9, 4))
   assert (g.sum(-1) < 1.0 - 1e-3).any()  # part of the mass went to the base

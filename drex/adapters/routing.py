@@ -5,8 +5,8 @@
 * `topk(k)`: the method (PHATGOOSE routing, adapted to VLMs by arXiv 2511.01831): standardize the
   token and every routing vector over features (LayerNorm without affine, eps 1e-5), score
   `x_hat . v_hat / sqrt(d_in) / temperature`, keep the top-k scores and softmax over them.
-  With `null_expert=True` the base model takes part as an extra expert with zero output, scored
-  against a prototype vector (`null_v`) instead of a trained one.
+  With `null_expert=True` the base model takes part as extra experts with zero output, scored
+  against prototype vectors (`null_v`, one per kind of general input) instead of trained ones.
 * `arrow(k)`: training-free; prototype of expert e = top left-singular vector of A_e @ B_e,
   score |x . p_e|, top-k, softmax.
 * `dense(weights)`: fixed mixture weights for every token (e.g. a uniform merge).
@@ -83,7 +83,7 @@ def compute_gates(routing: Routing, x: jax.Array, num_experts: int, *, v: jax.Ar
     x: [..., d_in] the adapted linear's input.
     num_experts: E.
     v: [E, d_in] routing vectors ('sigmoid_gate', 'topk').
-    null_v: [d_in] prototype of the base model as an expert ('topk' with null_expert).
+    null_v: [K, d_in] prototypes of the base model as an expert ('topk' with null_expert).
     a, b: the stacked experts ('arrow').
 
   Returns:
@@ -103,7 +103,7 @@ def compute_gates(routing: Routing, x: jax.Array, num_experts: int, *, v: jax.Ar
     _require(v, "routing vectors 'v'", kind)
     if routing.null_expert:
       _require(null_v, "a null-expert prototype 'null_v'", "topk with null_expert")
-      scores = phatgoose_scores(x, jnp.concatenate([v, null_v[None]], 0), routing.temperature)
+      scores = phatgoose_scores(x, jnp.concatenate([v, null_v.reshape(-1, v.shape[-1])], 0), routing.temperature)
       return topk_softmax(scores, routing.k)[..., :num_experts]
     return topk_softmax(phatgoose_scores(x, v, routing.temperature), routing.k)
   if kind == "arrow":

@@ -28,8 +28,9 @@ PRETRAIN_SIZE = 100_000
 class DrexTasks(tfds.core.GeneratorBasedBuilder):
   """The embedded default's tasks: foundation suite + specialized tasks (see drex.data.tasks)."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Records kept in generation order."}
+  VERSION = tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Records kept in generation order.",
+                   "1.2.0": "doc_text reads numbers too; caption pretraining task."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=t.description) for name, t in tasks.TASKS.items()
                     ] + [tfds.core.BuilderConfig(name=PRETRAIN_PREFIX + name, description=f"pretraining data: {name}")
                          for name in tasks.PRETRAIN_MIX]

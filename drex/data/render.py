@@ -85,8 +85,12 @@ def draw_text(rng: np.random.Generator, text: str, scale: int = 2) -> np.ndarray
   return img
 
 
-def draw_shapes(rng: np.random.Generator, items: list[tuple[str, str]], cell: int = 8) -> np.ndarray:
-  """Shapes (kind, colour) on a dark background, one per distinct cell of a (32/cell)^2 grid."""
+def draw_shapes(rng: np.random.Generator, items: list[tuple[str, str]], cell: int = 8,
+                return_order: bool = False):
+  """Shapes (kind, colour) on a dark background, one per distinct cell of a (32/cell)^2 grid.
+
+  With return_order, also the item indices in reading order (row-major by cell).
+  """
   img = canvas(int(rng.integers(0, 30)))
   cells_per_side = SIZE // cell
   slots = rng.choice(cells_per_side * cells_per_side, size=len(items), replace=False)
@@ -95,6 +99,8 @@ def draw_shapes(rng: np.random.Generator, items: list[tuple[str, str]], cell: in
     top = (slot // cells_per_side) * cell + int(rng.integers(0, cell - size + 1))
     left = (slot % cells_per_side) * cell + int(rng.integers(0, cell - size + 1))
     paste(img, shape_mask(kind, size), top, left, jitter_colour(rng, colour))
+  if return_order:
+    return img, [int(i) for i in np.argsort(slots, kind="stable")]
   return img
 
 

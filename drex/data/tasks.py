@@ -14,8 +14,11 @@ Specialized tasks (learned one at a time by the continual stream):
   digit_add    sum of the two digits drawn           } language-only twin pair (cross-modal transfer)
   text_add     sum of two digits given in words only }
 
-Pretraining only (not scored): echo, "repeat the words : w1 w2" -> "w1 w2" over every answer word
-of the family, so the base's embeddings and LM head know each word before any task uses it.
+Pretraining only (not scored), standing in for a real VLM's broad pretraining:
+  echo     "repeat the words : w1 w2" -> "w1 w2" over every answer word of the family, so the base's
+           embeddings and LM head know each word before any task uses it;
+  caption  "describe the image ." -> "a red circle" / "blue square , green triangle" / "bars 3 7 5",
+           so the frozen vision encoder keeps colour, kind and layout (tasks need them later).
 
 Every task is a pure function of a numpy Generator, so a (task, split, index) triple always gives
 the same example.
@@ -84,8 +87,9 @@ def chart_value(rng) -> Example:
 
 
 def doc_text(rng) -> Example:
-  word = str(rng.choice(WORDS))
-  return Example(render.draw_text(rng, word), "what word is written in the document ?", word)
+  """A word or a two-digit number on a page."""
+  text = str(rng.choice(WORDS)) if rng.random() < 0.5 else str(int(rng.integers(10, 100)))
+  return Example(render.draw_text(rng, text), "what is written in the document ?", text)
 
 
 def _scene(rng) -> tuple[np.ndarray, int]:
@@ -160,7 +164,21 @@ def text_add(rng) -> Example:
 
 
 ANSWER_WORDS = tuple(sorted(set(WORDS) | set(render.COLOURS) | set(render.SHAPES) | set(render.BAR_POSITIONS)
-                            | set(LETTERS) | {str(n) for n in range(19)} | {str(10 * n) for n in range(1, 10)}))
+                            | set(LETTERS) | {str(n) for n in range(100)}))
+
+
+def caption(rng) -> Example:
+  kind = rng.random()
+  if kind < 0.5:
+    colour, shape = str(rng.choice(list(render.COLOURS))), str(rng.choice(render.SHAPES))
+    return Example(render.draw_single_shape(rng, shape, colour), "describe the image .", f"a {colour} {shape}")
+  if kind < 0.75:
+    items = [(str(rng.choice(render.SHAPES)), str(rng.choice(list(render.COLOURS))))
+             for _ in range(int(rng.integers(1, 4)))]
+    image, order = render.draw_shapes(rng, items, return_order=True)
+    return Example(image, "describe the image .", " , ".join(f"{items[i][1]} {items[i][0]}" for i in order))
+  values = _chart_values(rng)
+  return Example(render.draw_bars(rng, values), "describe the image .", "bars " + " ".join(map(str, values)))
 
 
 def echo(rng) -> Example:
@@ -181,11 +199,12 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("digit_add", "specialized", "exact_match", digit_add, "sum of the two digits drawn in the image"),
     Task("text_add", "specialized", "exact_match", text_add, "sum of two digits written as words (no image)"),
     Task("echo", "auxiliary", "exact_match", echo, "repeat the given answer words (pretraining only)"),
+    Task("caption", "auxiliary", "exact_match", caption, "describe shapes, colours and bars (pretraining only)"),
 ]}
 
 FOUNDATION = tuple(name for name, t in TASKS.items() if t.suite == "foundation")
 SPECIALIZED = tuple(name for name, t in TASKS.items() if t.suite == "specialized")
-PRETRAIN_MIX = FOUNDATION + ("echo",)
+PRETRAIN_MIX = FOUNDATION + ("echo", "caption")
 
 
 def get(name: str) -> Task:

@@ -11,6 +11,9 @@ ended by block_until_ready; median and mean over calls):
               InternViT on every tile, pixel shuffle, mlp1, decoder.
   train_step  drex.training.trainer.make_train_step(model, "experts", AdamW): loss on answer tokens,
               gradients w.r.t. the LoRA expert only (base frozen), optimizer update (state donated).
+  sharded_train_step  (with --mesh D,F,T) the same step as drex.train runs it: params placed by the
+              logical-axis rules on a ('data', 'fsdp', 'tensor') mesh (FSDP over 'fsdp'), jitted with
+              explicit in/out NamedShardings, state donated (drex.training.trainer.compile_step).
 Batch: B sequences of L tokens, each with `--tiles` 448-px tiles (256 <IMG_CONTEXT> tokens per tile)
 after a short text prefix; the last 64 tokens are answer tokens. tokens/s counts B*L per call.
 Peak memory: `jax.devices()[0].memory_stats()['peak_bytes_in_use']` after the run (None on CPU).
@@ -109,6 +112,7 @@ def main(argv=None):
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--mesh", default="", help="D,F,T: also time drex.train's sharded step on this mesh")
   parser.add_argument("--smoke", action="store_true", help="tiny preset, small batch: checks the script on CPU")
   parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON + markdown")
   args = parser.parse_args(argv)
@@ -129,8 +133,11 @@ def main(argv=None):
   image = ImageSpec(cfg.vision.image_size)
   start = time.perf_counter()
   params = jax.jit(lambda key: base_lib.init_params(VLM(cfg), image, key))(jax.random.key(0))
-  experts = lora.init_experts(params, args.rank, list(lora.ALL_TARGETS), jax.random.key(1))
-  experts = jax.tree_util.tree_map(lambda x: x + 0.01, experts)  # non-zero B: the expert branch does work
+  def new_experts():  # non-zero B: the expert branch does work
+    return jax.tree_util.tree_map(lambda x: x + 0.01, lora.init_experts(params, args.rank, list(lora.ALL_TARGETS),
+                                                                        jax.random.key(1)))
+
+  experts = new_experts()
   jax.block_until_ready((params, experts))
   init_s = time.perf_counter() - start
   batch = {k: jnp.asarray(v) for k, v in build_batch(cfg, args.batch, args.seq, args.tiles).items()}
@@ -152,6 +159,22 @@ def main(argv=None):
                                                        donate_first=True)
   results["train_step"] = (train_compile, train_times)
   loss = float(metrics["loss"])
+  if args.mesh:
+    from drex.parallel import Parallel  # pylint: disable=g-import-not-at-top
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    par = Parallel.create(tuple(int(v) for v in args.mesh.split(",")))
+    boxed = base_lib.boxed_shapes(VLM(cfg), image)
+    base_sh = par.tree_shardings(boxed)
+    abstract_experts = jax.eval_shape(new_experts)
+    ex_sh = par.adapter_shardings(boxed, abstract_experts)
+    shardings = trainer.state_shardings(optimizer, ex_sh, par, abstract_experts)
+    sharded = trainer.compile_step(model, "experts", optimizer, shardings, {"params": base_sh}, par)
+    sharded_state = trainer.create_state(par.put(new_experts(), ex_sh), optimizer, shardings)
+    with par.context():
+      global_batch = par.global_batch({k: np.asarray(v) for k, v in batch.items()})
+      sharded_compile, sharded_times, _ = timed(sharded, (sharded_state, {"params": par.put(params, nn.unbox(base_sh))},
+                                                          global_batch), args.warmup, args.iters, donate_first=True)
+    results[f"sharded_train_step (mesh {args.mesh})"] = (sharded_compile, sharded_times)
   stats = device.memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
 
@@ -160,16 +183,17 @@ def main(argv=None):
   rows = []
   for kind, (compile_s, times) in results.items():
     median = statistics.median(times)
-    flops = approx_flops(cfg, params, args.batch, args.seq, args.tiles, train=kind == "train_step")
+    flops = approx_flops(cfg, params, args.batch, args.seq, args.tiles, train="train_step" in kind)
     tflops = flops / median / 1e12
     rows.append({"kind": kind, "compile_s": round(compile_s, 2), "median_s": median, "mean_s": statistics.mean(times),
                  "min_s": min(times), "tokens_per_s": tokens / median, "approx_tflop_per_call": flops / 1e12,
                  "approx_tflops": tflops,
                  "approx_mfu": tflops / peak_tflops if peak_tflops and args.dtype == "bfloat16" else None,
                  "times_s": times})
-    print(f"  {kind:10s} compile {compile_s:6.1f}s  median {median * 1e3:9.2f} ms  {tokens / median:10.0f} tokens/s  "
+    print(f"  {kind:22s} compile {compile_s:6.1f}s  median {median * 1e3:9.2f} ms  {tokens / median:10.0f} tokens/s  "
           f"~{tflops:.1f} TFLOP/s", flush=True)
   counts = {scope: lora.count_params(params[scope]) for scope in ("vision_model", "mlp1", "language_model")}
+  experts = jax.eval_shape(new_experts)
   record = {
       "benchmark": "internvl2_step", "preset": name, "config": cfg.to_dict(), "device": device.device_kind,
       "backend": jax.default_backend(), "num_devices": jax.device_count(), "jax": jax.__version__,

@@ -37,8 +37,10 @@ class Base:
   def model(self, adapter: AdapterSpec = AdapterSpec()) -> VLM:
     return VLM(self.info.model, adapter)
 
-  def encoder(self) -> pipeline.Encoder:
-    return pipeline.Encoder(self.tokenizer, prompts.get_template(self.info.template), self.info.image,
+  def encoder(self, max_tiles: int = 0) -> pipeline.Encoder:
+    """The base's prompt/image encoder; max_tiles > 0 overrides the checkpoint's tiles per image."""
+    image = dataclasses.replace(self.info.image, max_tiles=max_tiles) if max_tiles else self.info.image
+    return pipeline.Encoder(self.tokenizer, prompts.get_template(self.info.template), image,
                             self.info.model.tokens_per_tile)
 
 
@@ -95,3 +97,14 @@ def tiny_tokenizer(vocab_size: int) -> tok_lib.Tokenizer:
     corpus += [f"{ex.question} {ex.answer}" for _, ex in tasks.examples(task, "train", size=500)]
   corpus += [" ".join(tasks.ANSWER_WORDS)] * 10
   return tok_lib.train_bpe(corpus, vocab_size)
+
+
+def load_from_workdir(workdir: str, parallel: Parallel | None = None) -> Base:
+  """The base a drex.train workdir used: WORKDIR/base, or the checkpoint recorded in base_source.json."""
+  stored, record = os.path.join(workdir, "base"), os.path.join(workdir, "base_source.json")
+  if os.path.isdir(stored):
+    return load(stored, parallel)
+  if os.path.exists(record):
+    return load(store.read_json(record, "base record")["source"], parallel)
+  raise UserError(f"{workdir} holds no trained run (no base/ or base_source.json); run drex.train with this "
+                  f"--workdir first")

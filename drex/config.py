@@ -28,6 +28,7 @@ def stream_config() -> ml_collections.ConfigDict:
 
   c.base = ml_collections.ConfigDict()
   c.base.checkpoint = ""  # base checkpoint directory ('' = the tiny base shipped in drex/assets)
+  c.base.store = True  # keep a copy of the base in WORKDIR/base (False: record its path only)
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # TFDS data directory ('' = ~/.cache/drex/tfds)
@@ -36,6 +37,7 @@ def stream_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 256  # prompts per generation batch
   c.data.max_new_tokens = 4  # generated tokens per answer
   c.data.seq_len = 0  # token length of training sequences (0 = longest example of the stream)
+  c.data.max_tiles = 0  # image tiles per example incl. thumbnail (0 = what the base checkpoint says)
 
   c.lora = ml_collections.ConfigDict()
   c.lora.r = 8  # LoRA rank
@@ -77,6 +79,32 @@ def stream_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator = ""  # 'host:port' of process 0 ('' = from the environment / TPU metadata)
   c.distributed.num_processes = 0  # with a coordinator: the number of processes
   c.distributed.process_id = -1  # with a coordinator: this process's index
+  return c
+
+
+def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collections.ConfigDict:
+  """The stream on a real InternVL2 checkpoint (`--config.base.checkpoint=DIR` is required).
+
+  LoRA and stage-A settings follow InternVL's own LoRA fine-tuning recipe
+  (internvl_chat/shell/internvl2.0/2nd_finetune/*_lora.sh: rank 16, alpha = 2 r, lr 4e-5, weight decay
+  0.01, 3% warmup, cosine, total batch 16); stage B follows PHATGOOSE (100 steps, lr 5e-3, gates from
+  zero). Compute and base weights are bfloat16 (the checkpoint's dtype); experts and optimizer state
+  are float32.
+  """
+  c = stream_config()
+  c.base.checkpoint = f"REQUIRED: pass --config.base.checkpoint=<directory of OpenGVLab/InternVL2-{size}>"
+  c.base.store = False  # record the checkpoint's path instead of copying GBs into WORKDIR/base
+  c.lora.r = 16  # InternVL recipe: use_llm_lora 16
+  c.lora.lora_alpha = 32.0  # alpha = 2 r (InternVL's wrap_llm_lora)
+  c.lora.kernel = "auto"  # adapter mixture per shape from benchmarks/results (XLA where Pallas does not win)
+  c.stage_a.learning_rate = 4e-5  # InternVL recipe
+  c.stage_a.warmup_steps = 9  # 3% of 300 steps
+  c.stage_a.weight_decay = 0.01  # InternVL recipe
+  c.data.batch_size = 16  # total batch 16 in the recipe
+  c.data.eval_batch_size = eval_batch_size  # prompts per generation batch
+  c.data.max_tiles = 7  # 6 tiles + thumbnail, as InternVL's fine-tuning scripts (max_dynamic_patch 6)
+  if fsdp:
+    c.mesh = (1, -1, 1)  # FSDP over every device: the bf16 base is sharded, not replicated
   return c
 
 

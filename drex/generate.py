@@ -35,7 +35,7 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate at mos
 def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.ConfigDict, list[str]]:
   """Base, variables (params + stacked experts + router) and config of a finished workdir."""
   cfg = config_lib.read_run_config(workdir)
-  base = base_lib.load(os.path.join(workdir, "base"))
+  base = base_lib.load_from_workdir(workdir)
   experts, routers = [], []
   for task in cfg.tasks:
     directory = os.path.join(workdir, "adapters", task)

@@ -68,8 +68,6 @@ class Stream:
     self.eval_only = eval_only  # never train: every adapter must be in the workdir already
     self.timings: dict[str, float] = {}
     self._steps: dict[Any, Any] = {}
-    if eval_only and not os.path.isdir(os.path.join(workdir, "base")):
-      raise UserError(f"{workdir} holds no trained run (no base/); run drex.train with this --workdir first")
     os.makedirs(workdir, exist_ok=True)
     if not eval_only and jax.process_index() == 0:
       store.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
@@ -97,19 +95,21 @@ class Stream:
       self.timings[key] = self.timings.get(key, 0.0) + time.time() - begin
 
   def _load_base(self) -> base_lib.Base:
-    """The frozen base, stored once in WORKDIR/base (later runs load that copy)."""
+    """The frozen base, stored once in WORKDIR/base (later runs load that copy), or with
+    base.store=False loaded from its recorded source every time."""
     cfg = self.cfg
     source = os.path.abspath(cfg.base.checkpoint or base_lib.shipped_path())
     stored = os.path.join(self.workdir, "base")
     record = os.path.join(self.workdir, "base_source.json")
-    if os.path.isdir(stored):
-      recorded = store.read_json(record, "base record")["source"]
-      if recorded != source:
+    if os.path.exists(record) or self.eval_only:
+      recorded = store.read_json(record, "base record")["source"] if os.path.exists(record) else source
+      if recorded != source and not self.eval_only:
         raise UserError(f"{self.workdir} was made with base {recorded}, the config names {source}; "
                         f"use a new --workdir")
-      return base_lib.load(stored, self.parallel)
+      return base_lib.load_from_workdir(self.workdir, self.parallel)
     base = base_lib.load(source, self.parallel)
-    store.save_base(stored, base.params, base.info, base.tokenizer)  # every process writes its shards
+    if cfg.base.store:
+      store.save_base(stored, base.params, base.info, base.tokenizer)  # every process writes its shards
     if jax.process_index() == 0:
       store.write_json(record, {"source": source})
     log.info("base %s: %.2fM params, template %s", source, lora.count_params(base.params) / 1e6, base.info.template)
@@ -118,7 +118,7 @@ class Stream:
   def _prepare_data(self) -> None:
     cfg = self.cfg
     data_dir = cfg.data.data_dir or builder.DEFAULT_DATA_DIR
-    self.encoder = self.base.encoder()
+    self.encoder = self.base.encoder(cfg.data.max_tiles)
     names = list(cfg.tasks) + [f for f in cfg.foundation if f not in cfg.tasks]
     if jax.process_index() == 0:  # build the datasets once, then every process reads them
       builder.prepare_all(names, data_dir)

@@ -25,7 +25,6 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from drex.adapters import lora  # pylint: disable=g-import-not-at-top
 from drex.adapters.routing import Routing
 from drex.checkpoints import hf_import, peft_export
-from drex.data.pipeline import ImageSpec
 from drex.models import generation, vit
 from drex.models.vlm import VLM
 

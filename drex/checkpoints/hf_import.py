@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from drex.checkpoints.store import read_json
 from drex.errors import UserError
 from drex.models.config import LLMConfig, RopeConfig, VisionConfig, VLMConfig
 
@@ -155,16 +156,6 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------- configs
-
-
-def read_json(path: str, what: str) -> dict:
-  if not os.path.exists(path):
-    raise UserError(f"{what} not found: {path}")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserError(f"{what} at {path} is not valid JSON ({e})") from None
 
 
 def is_checkpoint_dir(path: str) -> bool:

@@ -159,7 +159,7 @@ def read_json(path: str, what: str) -> Any:
     with open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise UserError(f"{what} at {path} is not valid JSON ({e}); delete it and re-run") from None
+    raise UserError(f"{what} at {path} is not valid JSON ({e})") from None
 
 
 # ----------------------------------------------------------------------------- base

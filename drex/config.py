@@ -92,7 +92,7 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
   are float32.
   """
   c = stream_config()
-  c.base.checkpoint = f"REQUIRED: pass --config.base.checkpoint=<directory of OpenGVLab/InternVL2-{size}>"
+  c.base.checkpoint = f"REQUIRED: pass --config.base.checkpoint=<directory of OpenGVLab/InternVL2-{size}>"  # no default
   c.base.store = False  # record the checkpoint's path instead of copying GBs into WORKDIR/base
   c.lora.r = 16  # InternVL recipe: use_llm_lora 16
   c.lora.lora_alpha = 32.0  # alpha = 2 r (InternVL's wrap_llm_lora)

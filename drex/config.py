@@ -63,7 +63,8 @@ def stream_config() -> ml_collections.ConfigDict:
   c.router.k = 2  # experts kept per token
   c.router.temperature = 1.0  # softmax temperature of the routing scores
   c.router.null_expert = False  # the base competes as a zero-output expert (prototype of base activations)
-  c.router.null_sample = 512  # foundation-suite training prompts (unlabeled) that make the null prototype
+  c.router.null_sample = 512  # unlabeled prompts per prototype / calibration statistic (null expert, calibration)
+  c.router.calibrate = False  # standardize each vector's scores by their mean/std on its own data
 
   c.mtl = ml_collections.ConfigDict()
   c.mtl.steps = 0  # steps on the union of all tasks (0 = tasks x stage_a.steps)
@@ -172,5 +173,6 @@ def inference_routing(c: ml_collections.ConfigDict, num_experts: int) -> routing
   """The router the 'routing' method evaluates with, over `num_experts` experts."""
   if c.router.kind == "dense":
     return routing.Routing("dense", weights=(1.0 / num_experts,) * num_experts)
+  topk = c.router.kind == "topk"
   return routing.Routing(c.router.kind, k=c.router.k, temperature=c.router.temperature,
-                         null_expert=c.router.null_expert and c.router.kind == "topk")
+                         null_expert=c.router.null_expert and topk, calibrated=c.router.calibrate and topk)

@@ -119,13 +119,14 @@ class Parallel:
 
   def adapter_shardings(self, base_boxed_abstract: Any, tree: Any) -> Any:
     """Shardings of an experts tree (lora_a [E, in, r], lora_b [E, r, out]) or router tree (v [E, in],
-    null_v [in]) from the logical axes of the base kernel they adapt."""
+    null_v [K, in], v_stats [E, 2], null_stats [K, 2]) from the logical axes of the base kernel they adapt."""
     flat = flax.traverse_util.flatten_dict(base_boxed_abstract,
                                            is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
     kernels = {p[:-1]: leaf.names for p, leaf in flat.items()
                if p[-1] == "kernel" and isinstance(leaf, nn.LogicallyPartitioned)}
     logical = {"lora_a": lambda i, o: ("expert", i, "rank"), "lora_b": lambda i, o: ("expert", "rank", o),
-               "v": lambda i, o: ("expert", i), "null_v": lambda i, o: (i,)}
+               "v": lambda i, o: ("expert", i), "null_v": lambda i, o: ("expert", i),
+               "v_stats": lambda i, o: ("expert", None), "null_stats": lambda i, o: ("expert", None)}
     out = {}
     for path, _ in flax.traverse_util.flatten_dict(tree).items():
       names = kernels.get(path[:-1])

@@ -27,7 +27,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -35,13 +34,12 @@ from tensorboardX import SummaryWriter
 
 from drex import base as base_lib
 from drex import cl_metrics, config as config_lib, evaluation, report
-from drex.adapters import lora
-from drex.adapters.routing import Routing, standardize
+from drex.adapters import lora, prototypes
+from drex.adapters.routing import Routing
 from drex.checkpoints import store
 from drex.checkpoints.stage import StageCheckpoint
 from drex.data import builder, pipeline, tasks
 from drex.errors import UserError
-from drex.models.generation import prompt_positions
 from drex.parallel import Parallel
 from drex.training import trainer
 
@@ -211,7 +209,7 @@ class Stream:
     if os.path.isdir(directory):
       expected = self._expert_shapes()
       experts, router, meta = store.load_adapter(directory, expected,
-                                                 lora.init_router(expected) if with_router else None)
+                                                 lora.init_router(expected, with_stats=True) if with_router else None)
       if meta.get("fingerprint") != fp:
         raise UserError(f"{directory} was trained with a different config (fingerprint {meta.get('fingerprint')} "
                         f"!= {fp}); use a new --workdir or delete that adapter")
@@ -249,49 +247,44 @@ class Stream:
       for c, v in zip(self.columns, row):
         self.writer.add_scalar(f"{method}/{c}", v, index)
 
+  def _sample_batches(self, source):
+    """Unlabeled prompts of a source for routing statistics (router.null_sample of them)."""
+    batch = self.cfg.data.eval_batch_size
+    size = max(batch, self.cfg.router.null_sample // batch * batch)
+    return pipeline.eval_batches(source, self.encoder, self.prompt_len, batch, size, jax.process_index(),
+                                 jax.process_count())
+
+  def _moments(self, source, vectors: dict | None = None) -> dict:
+    variables = self._variables({"params": None, "experts": self._new_expert(0)})  # B = 0: the base's inputs
+    return prototypes.input_moments(self.base.model(), variables, self._sample_batches(source), self.parallel,
+                                    vectors)
+
+  def expert_stats(self, router: Any, task: str) -> Any:
+    """v_stats [1, 2] per adapted linear: the score statistics of a task's routing vector on its data."""
+    moments = self._moments(self.train_sources[task], prototypes.by_path(router, "v"))
+    return prototypes.as_tree(prototypes.stats_array(moments), "v_stats")
+
   def null_prototypes(self) -> Any:
     """The base as a zero-output expert: per adapted linear, the mean standardized input over
-    unlabeled prompts of each foundation-suite member, null_v [K, d_in] (K = suite size)."""
+    unlabeled prompts of each foundation-suite member, null_v [K, d_in] (K = suite size), and each
+    prototype's score statistics on its member's prompts, null_stats [K, 2]."""
     directory = os.path.join(self.workdir, "null_router")
     k = len(self.cfg.foundation)
-    expected = _rename_leaves(jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct((k,) + v.shape[1:], v.dtype),
-                                                     lora.init_router(self._expert_shapes())), "v", "null_v")
+    shapes = jax.eval_shape(lambda: lora.init_router(lora.stack([self._new_expert(0)] * k), with_stats=True))
+    expected = _rename_leaves(_rename_leaves(shapes, "v", "null_v"), "v_stats", "null_stats")
     if os.path.isdir(directory):
       return store.load_tree(directory, expected, "null-expert prototypes")
     data_dir = self.cfg.data.data_dir or builder.DEFAULT_DATA_DIR
     sources = [builder.data_source(f, "train", data_dir) for f in self.cfg.foundation]
-    batch = self.cfg.data.eval_batch_size
-    per = max(batch, self.cfg.router.null_sample // len(sources) // batch * batch)
-    model = self.base.model()
-    variables = self._variables({"params": None, "experts": self._new_expert(0)})  # B = 0: the base's inputs
-    replicated = self.parallel.sharding(())
-
-    def inputs(variables, px, ids, mask):
-      _, st = model.apply(variables, px, ids, prompt_positions(mask), mask.astype(bool), mutable=["intermediates"])
-      flat = flax.traverse_util.flatten_dict(st["intermediates"])
-      w = mask.astype(jnp.float32)[..., None]
-      return {"/".join(p[:-1]): (standardize(v[0]) * w).sum((0, 1)) for p, v in flat.items()
-              if p[-1] == "inputs" and "language_model" in p}, w.sum()
-
-    compiled = jax.jit(inputs, out_shardings=replicated)
-    means: list[dict[str, np.ndarray]] = []
-    for source in sources:
-      sums: dict[str, Any] = {}
-      count = 0.0
-      for b in pipeline.eval_batches(source, self.encoder, self.prompt_len, batch, per, jax.process_index(),
-                                     jax.process_count()):
-        b["attention_mask"] = b["attention_mask"] * b["valid"][:, None]
-        g = self.parallel.global_batch({key: b[key] for key in ("pixel_values", "input_ids", "attention_mask")})
-        with self.parallel.context():
-          s, n = compiled(variables, g["pixel_values"], g["input_ids"], g["attention_mask"])
-        for key, v in s.items():
-          sums[key] = sums.get(key, 0.0) + np.asarray(v)
-        count += float(n)
-      means.append({key: v / count for key, v in sums.items()})
-    protos = flax.traverse_util.unflatten_dict({tuple(key.split("/")) + ("null_v",): np.stack([m[key] for m in means])
-                                                for key in means[0]})
-    store.save_tree(directory, protos)
-    return protos
+    means = [{key: m["mean"] for key, m in self._moments(src).items()} for src in sources]
+    protos = {key: np.stack([m[key] for m in means]) for key in means[0]}
+    stats = [prototypes.stats_array(self._moments(src, {key: p[i:i + 1] for key, p in protos.items()}))
+             for i, src in enumerate(sources)]
+    tree = lora.merge_trees(prototypes.as_tree(protos, "null_v"),
+                            prototypes.as_tree({key: np.concatenate([s[key] for s in stats]) for key in protos},
+                                               "null_stats"))
+    store.save_tree(directory, tree)
+    return tree
 
   # ------------------------------------------------------------------ methods
 
@@ -299,7 +292,7 @@ class Stream:
     cfg = self.cfg
     experts, routers, rows = [], [], [base_row]
     oracle = {}
-    null = self.null_prototypes() if cfg.router.null_expert and cfg.router.kind == "topk" else None
+    null = self.null_prototypes() if config_lib.inference_routing(cfg, 1).null_expert else None
     for i, task in enumerate(cfg.tasks):
       directory = os.path.join(self.workdir, "adapters", task)
 
@@ -309,6 +302,7 @@ class Stream:
                                       cfg.seed + i)
         with self._timed("routing/stage_b"):
           rt, sb = self._train_router(f"[routing] {task} stage B", f"{i}_{task}_B", ex, task, cfg.seed + i)
+          rt = lora.merge_trees(rt, self.expert_stats(rt, task))
         return ex, rt, self._lora_meta(task=task, index=i, stage_a=sa, stage_b=sb)
 
       ex, rt = self._load_or_train(directory, self._train_fp(task, i, cfg.stage_b), train, with_router=True)

@@ -198,3 +198,42 @@ def test_model_logits_and_train_step_agree_between_kernels(setup, kernel):
     outs[k] = (logits, grads)
   np.testing.assert_allclose(outs[kernel][0], outs["xla"][0], atol=1e-4)
   chex.assert_trees_all_close(outs[kernel][1], outs["xla"][1], atol=1e-4)
+
+
+def test_calibrated_scores_standardize_each_vector():
+  x, v = _scores_setup()
+  identity = jnp.tile(jnp.asarray([[0.0, 1.0]]), (4, 1))
+  np.testing.assert_allclose(routing.compute_gates(Routing("topk", calibrated=True), x, 4, v=v, v_stats=identity),
+                             routing.compute_gates(Routing("topk"), x, 4, v=v), atol=1e-6)
+  stats = jnp.asarray([[0.5, 2.0], [-1.0, 0.5], [0.0, 1.0], [2.0, 3.0]])
+  raw = routing.phatgoose_scores(x, v, 1.0)
+  expected = routing.topk_softmax((raw - stats[:, 0]) / stats[:, 1], 2)
+  np.testing.assert_allclose(routing.compute_gates(Routing("topk", calibrated=True), x, 4, v=v, v_stats=stats),
+                             expected, atol=1e-6)
+  with pytest.raises(ValueError, match="score statistics"):
+    routing.compute_gates(Routing("topk", calibrated=True), x, 4, v=v)
+
+
+def test_input_moments_match_a_direct_computation(setup):
+  """Prototype means and score statistics equal numpy's over the real tokens of the batch."""
+  from drex.adapters import prototypes  # pylint: disable=g-import-not-at-top
+  from drex.parallel import Parallel  # pylint: disable=g-import-not-at-top
+  cfg, params, args = setup
+  b = testing.micro_batch(cfg, pad=(0, 3, 5))
+  batch = {**b, "valid": np.array([1, 1, 0], np.int32)}  # the third row is padding
+  experts = lora.init_experts(params, 2, ["q_proj"], jax.random.key(0))
+  model = vlm.VLM(cfg)
+  key = "language_model/layers_1/self_attn/q_proj"
+  vec = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
+  m = prototypes.input_moments(model, {"params": params, "experts": experts}, [batch], Parallel.create((1, 1, 1)),
+                               {key: vec})[key]
+  _, st = model.apply({"params": params, "experts": experts}, *args[:1], b["input_ids"],
+                      generation.prompt_positions(b["attention_mask"]), b["attention_mask"].astype(bool),
+                      mutable=["intermediates"])
+  x = np.asarray(st["intermediates"]["language_model"]["layers_1"]["self_attn"]["q_proj"]["inputs"][0])
+  real = (b["attention_mask"] * batch["valid"][:, None]).astype(bool)
+  xhat = np.asarray(routing.standardize(jnp.asarray(x[real])))
+  np.testing.assert_allclose(m["mean"], xhat.mean(0), atol=1e-5)
+  scores = xhat @ np.asarray(routing.standardize(jnp.asarray(vec))).T / np.sqrt(32)
+  np.testing.assert_allclose(m["score_mean"], scores.mean(0), atol=1e-5)
+  np.testing.assert_allclose(m["score_std"], scores.std(0), atol=1e-4)

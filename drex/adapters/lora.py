@@ -75,11 +75,9 @@ class AdaptedDense(nn.Module):
     if self.has_variable("experts", "lora_a"):
       a = self.get_variable("experts", "lora_a")
       b = self.get_variable("experts", "lora_b")
-      gates = routing_lib.compute_gates(
-          self.adapter.routing, x, a.shape[0],
-          v=self.get_variable("router", "v") if self.has_variable("router", "v") else None,
-          null_v=self.get_variable("router", "null_v") if self.has_variable("router", "null_v") else None,
-          a=a, b=b)
+      router = {name: self.get_variable("router", name) for name in ("v", "null_v", "v_stats", "null_stats")
+                if self.has_variable("router", name)}
+      gates = routing_lib.compute_gates(self.adapter.routing, x, a.shape[0], a=a, b=b, **router)
       self.sow("intermediates", "gates", gates)
       route = self.adapter.routing
       y = y + mixture.adapter_mixture(x, a.astype(self.dtype), b.astype(self.dtype), gates,
@@ -123,9 +121,16 @@ def init_experts(base_params: dict, rank: int, target_modules: Sequence[str], rn
   return flax.traverse_util.unflatten_dict(tree)
 
 
-def init_router(experts: dict) -> dict:
-  """Zero routing vectors (sigmoid gate starts at 0.5), one per expert per adapted linear: v [E, d_in]."""
-  return _map_modules(experts, lambda m: {"v": jnp.zeros(m["lora_a"].shape[:2], m["lora_a"].dtype)})
+def init_router(experts: dict, with_stats: bool = False) -> dict:
+  """Zero routing vectors (sigmoid gate starts at 0.5), one per expert per adapted linear: v [E, d_in];
+  with_stats adds v_stats [E, 2] (score mean 0, std 1: the identity calibration)."""
+  def make(m):
+    e, d_in = m["lora_a"].shape[:2]
+    out = {"v": jnp.zeros((e, d_in), m["lora_a"].dtype)}
+    if with_stats:
+      out["v_stats"] = jnp.tile(jnp.asarray([[0.0, 1.0]], jnp.float32), (e, 1))
+    return out
+  return _map_modules(experts, make)
 
 
 def stack(trees: Iterable[dict]) -> dict:

@@ -7,6 +7,9 @@
   `x_hat . v_hat / sqrt(d_in) / temperature`, keep the top-k scores and softmax over them.
   With `null_expert=True` the base model takes part as extra experts with zero output, scored
   against prototype vectors (`null_v`, one per kind of general input) instead of trained ones.
+  With `calibrated=True` each score is standardized by the mean and std it has on the data its
+  vector stands for (`v_stats`, `null_stats`; see drex.adapters.prototypes) before the softmax, so
+  trained vectors and prototypes compete on one scale.
 * `arrow(k)`: training-free; prototype of expert e = top left-singular vector of A_e @ B_e,
   score |x . p_e|, top-k, softmax.
 * `dense(weights)`: fixed mixture weights for every token (e.g. a uniform merge).
@@ -32,6 +35,7 @@ class Routing:
   k: int = 2  # 'topk' / 'arrow': experts kept per token
   temperature: float = 1.0
   null_expert: bool = False  # 'topk': the base model competes as a zero-output expert
+  calibrated: bool = False  # 'topk': scores standardized per routing vector (needs v_stats / null_stats)
   weights: tuple[float, ...] = ()  # 'dense': one weight per expert
 
   def __post_init__(self):
@@ -74,8 +78,8 @@ def phatgoose_scores(x: jax.Array, v: jax.Array, temperature: float) -> jax.Arra
 
 
 def compute_gates(routing: Routing, x: jax.Array, num_experts: int, *, v: jax.Array | None = None,
-                  null_v: jax.Array | None = None, a: jax.Array | None = None,
-                  b: jax.Array | None = None) -> jax.Array:
+                  null_v: jax.Array | None = None, a: jax.Array | None = None, b: jax.Array | None = None,
+                  v_stats: jax.Array | None = None, null_stats: jax.Array | None = None) -> jax.Array:
   """Routing weights for tokens x.
 
   Args:
@@ -85,6 +89,8 @@ def compute_gates(routing: Routing, x: jax.Array, num_experts: int, *, v: jax.Ar
     v: [E, d_in] routing vectors ('sigmoid_gate', 'topk').
     null_v: [K, d_in] prototypes of the base model as an expert ('topk' with null_expert).
     a, b: the stacked experts ('arrow').
+    v_stats, null_stats: [E, 2] / [K, 2] mean and std of each vector's raw score on its own data
+      ('topk' with calibrated).
 
   Returns:
     [..., E] float32 gates.
@@ -101,11 +107,18 @@ def compute_gates(routing: Routing, x: jax.Array, num_experts: int, *, v: jax.Ar
     return jax.nn.sigmoid(logit)[..., None] * jax.nn.one_hot(routing.expert, num_experts, dtype=jnp.float32)
   if kind == "topk":
     _require(v, "routing vectors 'v'", kind)
+    vectors, stats = v, v_stats
     if routing.null_expert:
       _require(null_v, "a null-expert prototype 'null_v'", "topk with null_expert")
-      scores = phatgoose_scores(x, jnp.concatenate([v, null_v.reshape(-1, v.shape[-1])], 0), routing.temperature)
-      return topk_softmax(scores, routing.k)[..., :num_experts]
-    return topk_softmax(phatgoose_scores(x, v, routing.temperature), routing.k)
+      vectors = jnp.concatenate([v, null_v.reshape(-1, v.shape[-1])], 0)
+      stats = None if v_stats is None or null_stats is None else jnp.concatenate([v_stats, null_stats], 0)
+    if routing.calibrated:
+      _require(stats, "score statistics 'v_stats' (and 'null_stats')", "topk with calibrated")
+      raw = phatgoose_scores(x, vectors, 1.0)
+      scores = (raw - stats[:, 0]) / (stats[:, 1] * routing.temperature)
+    else:
+      scores = phatgoose_scores(x, vectors, routing.temperature)
+    return topk_softmax(scores, routing.k)[..., :num_experts]
   if kind == "arrow":
     _require(a, "expert weights", kind)
     protos = arrow_prototypes(a, b)

@@ -1,0 +1,89 @@
+"""Statistics of the adapted linears' inputs, for routers that compare tokens with prototypes.
+
+* The null expert (the base competing as a zero-output expert) is scored against prototypes: the
+  mean standardized input of each adapted linear over unlabeled prompts of each kind of general
+  input (each foundation-suite member).
+* Calibration puts trained routing vectors (PHATGOOSE gates) and prototypes on one scale: for each
+  vector u, the mean and standard deviation of its raw score s_u(x) = x_hat . u_hat / sqrt(d_in)
+  over the tokens of the data u stands for (its task's inputs; its foundation member's inputs);
+  the calibrated score (s_u(x) - mean_u) / std_u says how typical x is of u's own data.
+
+All statistics are over real prompt tokens of base-model activations (experts with B = 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drex.adapters.routing import standardize
+from drex.models.generation import prompt_positions
+from drex.models.vlm import VLM
+from drex.parallel import Parallel
+
+
+def input_moments(model: VLM, variables: dict, batches: Iterable[dict], parallel: Parallel,
+                  vectors: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, np.ndarray]]:
+  """Per adapted linear ('language_model/.../q_proj'): {'mean': mean standardized input [d_in]} and,
+  with `vectors` (path -> [N, d_in]), {'score_mean', 'score_std': [N]} of the raw routing scores.
+
+  `variables` must hold an experts tree (its inputs are sown by every adapted linear).
+  """
+  vectors = vectors or {}
+
+  def sums(variables, vecs, px, ids, mask):
+    _, st = model.apply(variables, px, ids, prompt_positions(mask), mask.astype(bool), mutable=["intermediates"])
+    w = mask.astype(jnp.float32)[..., None]
+    out = {}
+    for path, value in flax.traverse_util.flatten_dict(st["intermediates"]).items():
+      if path[-1] != "inputs" or "language_model" not in path:
+        continue
+      key = "/".join(path[:-1])
+      xhat = standardize(value[0])
+      entry = {"x": (xhat * w).sum((0, 1))}
+      if key in vecs:
+        s = jnp.einsum("bld,nd->bln", xhat, standardize(vecs[key])) / jnp.sqrt(xhat.shape[-1])
+        entry.update(s=(s * w).sum((0, 1)), s2=(s * s * w).sum((0, 1)))
+      out[key] = entry
+    return out, w.sum()
+
+  compiled = jax.jit(sums, out_shardings=parallel.sharding(()))
+  total: dict[str, dict[str, np.ndarray]] = {}
+  count = 0.0
+  for b in batches:
+    mask = b["attention_mask"] * b["valid"][:, None]
+    g = parallel.global_batch({"pixel_values": b["pixel_values"], "input_ids": b["input_ids"], "attention_mask": mask})
+    with parallel.context():
+      s, n = compiled(variables, vectors, g["pixel_values"], g["input_ids"], g["attention_mask"])
+    for key, entry in s.items():
+      acc = total.setdefault(key, {})
+      for name, value in entry.items():
+        acc[name] = acc.get(name, 0.0) + np.asarray(value, np.float64)
+    count += float(n)
+  out = {}
+  for key, acc in total.items():
+    out[key] = {"mean": (acc["x"] / count).astype(np.float32)}
+    if "s" in acc:
+      mean = acc["s"] / count
+      out[key]["score_mean"] = mean.astype(np.float32)
+      out[key]["score_std"] = np.sqrt(np.maximum(acc["s2"] / count - mean ** 2, 1e-12)).astype(np.float32)
+  return out
+
+
+def as_tree(per_path: dict[str, Any], leaf: str) -> dict:
+  """{'a/b/c': array} -> {'a': {'b': {'c': {leaf: array}}}}."""
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")) + (leaf,): v for k, v in per_path.items()})
+
+
+def by_path(tree: dict, leaf: str) -> dict[str, Any]:
+  """Inverse of as_tree for one leaf name."""
+  return {"/".join(p[:-1]): v for p, v in flax.traverse_util.flatten_dict(tree).items() if p[-1] == leaf}
+
+
+def stats_array(moments: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """path -> [N, 2] (score mean, score std)."""
+  return {k: np.stack([m["score_mean"], m["score_std"]], -1) for k, m in moments.items()}

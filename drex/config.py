@@ -7,6 +7,7 @@ CPU run (the `:smoke` mode of the config files, used by CI).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import ml_collections
@@ -157,9 +158,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a drex.train workdir was made with (WORKDIR/config.json)."""
+  """The config a drex.train workdir was made with (WORKDIR/config.json), on top of today's defaults
+  (fields added since keep their defaults)."""
   from drex.checkpoints import store  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(_tuples(store.read_json(os.path.join(workdir, "config.json"), "run config")))
+  stored = _tuples(store.read_json(os.path.join(workdir, "config.json"), "run config"))
+  cfg = stream_config()
+  _merge_into(cfg, stored)
+  return cfg
+
+
+def _merge_into(cfg: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and key in cfg and isinstance(cfg[key], ml_collections.ConfigDict):
+      _merge_into(cfg[key], value)
+    else:
+      with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
+        cfg[key] = value
 
 
 def _tuples(tree):

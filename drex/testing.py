@@ -41,6 +41,22 @@ def micro_batch(cfg: VLMConfig, batch: int = 3, length: int = 12, seed: int = 0,
   return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "loss_mask": loss}
 
 
+def micro_model(cfg: VLMConfig | None = None, seed: int = 0) -> tuple[VLMConfig, dict, tuple]:
+  """A micro VLM's (config, frozen base params, forward args) for tests.
+
+  args = (pixel_values [3, 1, H, W, 3], input_ids [3, 12], positions [3, 12], attention mask [3, 12] bool),
+  the positional arguments of `vlm.VLM.__call__` for `micro_batch(cfg)`.
+  """
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from drex.models import generation, vlm  # pylint: disable=g-import-not-at-top
+  cfg = cfg or micro_config()
+  b = micro_batch(cfg)
+  args = (b["pixel_values"], b["input_ids"], generation.prompt_positions(b["attention_mask"]),
+          b["attention_mask"].astype(bool))
+  params = nn.unbox(vlm.VLM(cfg).init(jax.random.key(seed), *args))["params"]
+  return cfg, params, args
+
+
 def random_like(tree, seed: int = 0, scale: float = 0.1):
   """A tree of the same structure with normal(0, scale) leaves (e.g. non-zero LoRA B)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)

@@ -1,7 +1,6 @@
 """LoRA expert trees, routers and the routed adapted linear: the equivalences the method rests on."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,12 +14,7 @@ from drex.models import generation, vlm
 
 @pytest.fixture(scope="module")
 def setup():
-  cfg = testing.micro_config()
-  b = testing.micro_batch(cfg)
-  args = (b["pixel_values"], b["input_ids"], generation.prompt_positions(b["attention_mask"]),
-          b["attention_mask"].astype(bool))
-  params = nn.unbox(vlm.VLM(cfg).init(jax.random.key(0), *args))["params"]
-  return cfg, params, args
+  return testing.micro_model()
 
 
 def _logits(cfg, variables, args, route=Routing("single", 0)):

@@ -4,7 +4,6 @@ nothing is ever overwritten."""
 import os
 import shutil
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -17,16 +16,12 @@ from drex.checkpoints import store
 from drex.data import pipeline
 from drex.data.tokenizer import train_bpe
 from drex.errors import UserError
-from drex.models import generation, vlm
+from drex.models import vlm
 
 
 @pytest.fixture(scope="module")
 def setup():
-  cfg = testing.micro_config()
-  b = testing.micro_batch(cfg)
-  args = (b["pixel_values"], b["input_ids"], generation.prompt_positions(b["attention_mask"]),
-          b["attention_mask"].astype(bool))
-  params = nn.unbox(vlm.VLM(cfg).init(jax.random.key(0), *args))["params"]
+  cfg, params, args = testing.micro_model()
   experts = testing.random_like(lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1)), seed=2)
   router = testing.random_like(lora.init_router(experts), seed=3)
   return cfg, params, experts, router, args

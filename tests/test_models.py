@@ -2,7 +2,6 @@
 and left-padding invariance of the decoder."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +16,8 @@ from drex.models.config import RopeConfig
 
 @pytest.fixture(scope="module")
 def model_and_params():
-  cfg = testing.micro_config()
-  model = vlm.VLM(cfg)
-  b = testing.micro_batch(cfg)
-  params = nn.unbox(model.init(jax.random.key(0), b["pixel_values"], b["input_ids"],
-                               generation.prompt_positions(b["attention_mask"]), b["attention_mask"].astype(bool)))
-  return cfg, model, params["params"]
+  cfg, params, _ = testing.micro_model()
+  return cfg, vlm.VLM(cfg), params
 
 
 def test_vit_shapes():

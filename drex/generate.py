@@ -51,23 +51,36 @@ def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.Confi
   return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)
 
 
+def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_tokens: int = 16) -> dict:
+  """Answer one question with the routed model `load_routed(workdir)` returned.
+
+  image: [H, W, 3] uint8 or None (text-only). Returns {'answer': str, 'experts': [E names],
+  'routing_per_layer': [layers][E] mean weights over the prompt}, with the base as a last
+  expert 'base (null)' when the null expert is on.
+  """
+  base, variables, cfg, names = workdir_model
+  routing = config_lib.inference_routing(cfg, len(names))
+  model = base.model(lora.AdapterSpec(routing, cfg.lora.lora_alpha, cfg.lora.rslora, cfg.lora.kernel))
+  encoder = base.encoder()
+  pixels, tiles = encoder.pixels(image)
+  ids = np.asarray([encoder.prompt_ids(question, tiles)], np.int32)
+  mask = np.ones_like(ids)
+  tokens = greedy_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id, encoder.pad_id)
+  batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}
+  profile = evaluation.routing_profile(model, variables, batch, Parallel.create((1, 1, 1), devices=jax.devices()[:1]))
+  if routing.null_expert:  # the weight left to the base itself
+    profile = np.concatenate([profile, 1.0 - profile.sum(-1, keepdims=True)], -1)
+    names = names + ["base (null)"]
+  return {"answer": encoder.decode_answer(np.asarray(tokens[0])), "experts": names,
+          "routing_per_layer": np.round(profile, 3).tolist()}
+
+
 def main(argv):
   del argv
   if not _WORKDIR.value or not _QUESTION.value:
     raise UserError("--workdir and --question are required")
-  base, variables, cfg, names = load_routed(_WORKDIR.value)
-  routing = config_lib.inference_routing(cfg, len(names))
-  model = base.model(lora.AdapterSpec(routing, cfg.lora.lora_alpha, cfg.lora.rslora, cfg.lora.kernel))
-  encoder = base.encoder()
   image = images.load_image(_IMAGE.value) if _IMAGE.value else None
-  pixels, tiles = encoder.pixels(image)
-  ids = np.asarray([encoder.prompt_ids(_QUESTION.value, tiles)], np.int32)
-  mask = np.ones_like(ids)
-  tokens = greedy_generate(model, variables, pixels[None], ids, mask, _MAX_NEW.value, encoder.eos_id, encoder.pad_id)
-  batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}
-  profile = evaluation.routing_profile(model, variables, batch, Parallel.create((1, 1, 1), devices=jax.devices()[:1]))
-  print(json.dumps({"answer": encoder.decode_answer(np.asarray(tokens[0])), "experts": names,
-                    "routing_per_layer": np.round(profile, 3).tolist()}, indent=1))
+  print(json.dumps(ask(load_routed(_WORKDIR.value), image, _QUESTION.value, _MAX_NEW.value), indent=1))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ effects checked, is marked slow (python -m pytest -m slow tests/test_end_to_end.
 import json
 import os
 
+import matplotlib
 import numpy as np
 import pytest
 
@@ -36,10 +37,16 @@ def test_shipped_base_is_small_and_loads():
   assert base.info.template == "tiny" and base.info.provenance["command"].startswith("python -m drex.pretrain")
 
 
-def test_smoke_stream_end_to_end_reuse_and_reevaluation(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """The `:smoke` stream, run once from an empty workdir: (config, workdir, results)."""
   cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py:smoke"))
-  workdir = str(tmp_path / "run")
-  results = Stream(cfg, workdir).run()
+  workdir = str(tmp_path_factory.mktemp("smoke") / "run")
+  return cfg, workdir, Stream(cfg, workdir).run()
+
+
+def test_smoke_stream_end_to_end_reuse_and_reevaluation(smoke_run):
+  cfg, workdir, results = smoke_run
   _check_schema(results, 1, 3)
   for name in ("results.json", "report.md", "plots/matrix_routing.png", "plots/routing_routing.png",
                "adapters/shape_color/metadata.json", "base/config.json", "baselines/mtl/metadata.json"):
@@ -54,6 +61,23 @@ def test_smoke_stream_end_to_end_reuse_and_reevaluation(tmp_path):
   for method in stored["methods"]:
     assert again["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
     assert evaluated["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
+
+
+def test_walkthrough_notebook_runs_on_a_finished_workdir(smoke_run, monkeypatch, capsys):
+  """notebooks/walkthrough.ipynb, cell by cell, on the smoke workdir (no training: it is finished)."""
+  _, workdir, results = smoke_run
+  monkeypatch.setenv("DREX_WORKDIR", workdir)
+  matplotlib.use("Agg")
+  notebook = json.load(open(os.path.join(ROOT, "notebooks", "walkthrough.ipynb")))
+  namespace: dict = {}
+  for cell in notebook["cells"]:
+    if cell["cell_type"] == "code":
+      exec(compile("".join(cell["source"]), "walkthrough.ipynb", "exec"), namespace)  # pylint: disable=exec-used
+  assert set(namespace["answers"]) == set(results["tasks"] + results["foundation"])
+  for out in namespace["answers"].values():
+    weights = np.asarray(out["routing_per_layer"])
+    assert weights.ndim == 2 and weights.shape[1] == len(out["experts"]) and np.allclose(weights.sum(-1), 1.0, atol=1e-3)
+  assert "## Timings" in capsys.readouterr().out
 
 
 @pytest.mark.slow

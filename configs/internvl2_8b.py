@@ -13,5 +13,5 @@ from drex import config as config_lib
 
 def get_config(mode: str = "full"):
   c = config_lib.internvl2_stream("8B", eval_batch_size=16, fsdp=True)
-  c.tasks = ("shape_color", "chart_max", "count_shapes")  # the tasks of configs/task3.py
+  c.tasks = config_lib.MAIN_STREAM  # the tasks of configs/task3.py
   return config_lib.apply_mode(c, mode)

@@ -11,5 +11,5 @@ from drex import config as config_lib
 
 def get_config(mode: str = "full"):
   c = config_lib.stream_config()
-  c.tasks = ("shape_color", "chart_max", "count_shapes")  # colour words, bar positions, shape counts
+  c.tasks = config_lib.MAIN_STREAM  # shape kinds; position of the shortest bar; sums in words (no image)
   return config_lib.apply_mode(c, mode)

@@ -1,7 +1,7 @@
 """Re-evaluate a finished drex.train workdir from what is on disk (base + adapters), without training.
 
   python -m drex.evaluate --workdir=runs/task3
-  python -m drex.evaluate --workdir=runs/task3 --router_k=1        # same experts, other routing
+  python -m drex.evaluate --workdir=runs/task3 --router_k=1 --calibrate   # same experts, other routing
 
 Writes WORKDIR/evaluation.json and prints, per method, the largest difference from results.json.
 """
@@ -24,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
 _ROUTER_K = flags.DEFINE_integer("router_k", None, "Override router.k (experts kept per token).")
 _NULL = flags.DEFINE_bool("null_expert", None, "Override router.null_expert.")
 _ROUTER = flags.DEFINE_string("router", None, "Override router.kind ('topk', 'arrow', 'dense').")
+_CALIBRATE = flags.DEFINE_bool("calibrate", None, "Override router.calibrate (standardize each vector's scores).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Override router.temperature.")
 
 
 def main(argv):
@@ -32,7 +34,9 @@ def main(argv):
   if not workdir:
     raise UserError("--workdir is required")
   cfg = config_lib.read_run_config(workdir)
-  for key, flag in (("k", _ROUTER_K), ("null_expert", _NULL), ("kind", _ROUTER)):
+  overrides = (("k", _ROUTER_K), ("null_expert", _NULL), ("kind", _ROUTER), ("calibrate", _CALIBRATE),
+               ("temperature", _TEMPERATURE))
+  for key, flag in overrides:
     if flag.value is not None:
       cfg.router[key] = flag.value
   results = Stream(cfg, workdir, eval_only=True).run("evaluation.json")

@@ -49,7 +49,7 @@ def test_smoke_stream_end_to_end_reuse_and_reevaluation(smoke_run):
   cfg, workdir, results = smoke_run
   _check_schema(results, 1, 3)
   for name in ("results.json", "report.md", "plots/matrix_routing.png", "plots/routing_routing.png",
-               "adapters/shape_color/metadata.json", "base/config.json", "baselines/mtl/metadata.json"):
+               f"adapters/{cfg.tasks[0]}/metadata.json", "base/config.json", "baselines/mtl/metadata.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
   stored = json.load(open(os.path.join(workdir, "results.json")))
   base_mtime = os.path.getmtime(os.path.join(workdir, "base", "config.json"))

@@ -1,0 +1,46 @@
+"""Accuracy of routing settings over subsets of the experts of one drex.train workdir (evaluation only).
+
+Train a pool of experts once, then ask which streams and which router settings work, without
+training again:
+
+  python -m drex.train --config=configs/task3.py --config.methods="('routing',)" --workdir=runs/pool7 \
+      --config.tasks="('shape_color','digit_add','text_add','shape_kind','chart_max','count_shapes','chart_min')"
+  PYTHONPATH=. python benchmarks/routing_subsets.py runs/pool7 "shape_kind,chart_min,text_add;shape_color,shape_kind,text_add" \
+      '{"k":2};{"k":2,"null":true};{"k":2,"null":true,"cal":true,"T":0.5}'
+
+Subsets are ';'-separated lists of tasks; settings are ';'-separated JSON objects with k, T (temperature),
+null (null expert) and cal (calibrated scores). Prints one line per subset and setting: each task's and
+each foundation member's accuracy.
+"""
+
+import json
+import sys
+
+from drex import config as config_lib
+from drex.adapters import lora
+from drex.adapters.routing import Routing
+from drex.checkpoints import store
+from drex.stream import Stream
+
+
+def main(workdir: str, subsets: str, settings: str) -> None:
+  cfg = config_lib.read_run_config(workdir)
+  cfg.router.null_expert = True  # so that the null prototypes are built (or loaded) once
+  stream = Stream(cfg, workdir, eval_only=True)
+  null = stream.null_prototypes()
+  adapters = {task: store.load_adapter(f"{workdir}/adapters/{task}")[:2] for task in cfg.tasks}
+  for subset in [tuple(s.split(",")) for s in subsets.split(";")]:
+    experts = lora.stack([adapters[t][0] for t in subset])
+    routers = lora.stack([adapters[t][1] for t in subset])
+    columns = list(subset) + list(cfg.foundation)
+    for setting in [json.loads(s) for s in settings.split(";")]:
+      routing = Routing("topk", k=setting.get("k", 2), temperature=setting.get("T", 1.0),
+                        null_expert=setting.get("null", False), calibrated=setting.get("cal", False))
+      router = lora.merge_trees(routers, null) if routing.null_expert else routers
+      row = stream.evaluate_row(routing, {"experts": experts, "router": router}, columns)
+      print(f"{'+'.join(subset)} {json.dumps(setting)}: " + ", ".join(f"{c} {v:.3f}" for c, v in zip(columns, row)),
+            flush=True)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:4])

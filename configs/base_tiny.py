@@ -23,6 +23,7 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   c.eval_size = 256  # test examples per foundation task
   c.eval_batch_size = 256  # prompts per generation batch
   c.max_new_tokens = 4  # generated tokens per answer
+  c.checkpoint_every = 250  # steps between resume points (also after each evaluation and on SIGTERM)
   c.max_seconds = 0  # stop training (at an evaluation) after this many seconds (0 = run all steps)
   c.export_to = ""  # if set, also copy the finished base there (e.g. drex/assets/base_tiny)
   if mode == "smoke":  # a seconds-long run that exercises every code path
@@ -32,6 +33,7 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
     c.eval_every = 10
     c.eval_size = 16
     c.eval_batch_size = 16
+    c.checkpoint_every = 5
   elif mode == "gpu":  # the run that made the shipped base: large batches, parallel input pipeline
     c.batch_size = 512
     c.steps = 20000

@@ -6,6 +6,10 @@ Trains a BPE tokenizer on the task family's text, then the whole tiny InternVL-s
 foundation suite (+ the echo task that teaches every answer word), evaluates the foundation suite,
 and writes WORKDIR/base (orbax params + config.json + tokenizer.json). `--config.export_to=DIR`
 also copies it to DIR.
+
+Preemption-safe like drex.train: params, optimizer state, step and data position are saved in
+WORKDIR/state/pretrain every `checkpoint_every` steps, after each evaluation and on SIGTERM; re-running
+the same command resumes there (with another config it refuses).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from drex import cli
 from drex import evaluation
 from drex import parallel
 from drex.checkpoints import store
+from drex.checkpoints.stage import StageCheckpoint
 from drex.data import builder, pipeline, tasks
 from drex.errors import UserError
 from drex.models import presets
@@ -89,20 +94,27 @@ def main(argv):
   evaluator = evaluation.Evaluator(encoder, prompt_len, cfg.eval_batch_size, cfg.max_new_tokens, par)
   step = trainer.compile_step(model, "params", optimizer, shardings, {}, par)
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-  history = []
+  checkpoint = StageCheckpoint(os.path.join(workdir, "state", "pretrain"), cfg.checkpoint_every)
+  history_path = os.path.join(workdir, "state", "history.json")
+  history = _resumable_history(os.path.join(workdir, "state", "config.json"), history_path, cfg.to_dict())
+  state = checkpoint.restore(state, batches)
+  history = [h for h in history if h["step"] <= int(state.step)]
   train_begin = time.time()
   while int(state.step) < cfg.steps:
     if cfg.max_seconds and time.time() - train_begin > cfg.max_seconds:
       log.info("stopping at step %d: max_seconds=%d reached", int(state.step), cfg.max_seconds)
       break
-    target = min(int(state.step) + cfg.eval_every, cfg.steps)
-    state, summary = trainer.train("pretrain", step, state, {}, batches, target, par, writer=writer)
+    target = min((int(state.step) // cfg.eval_every + 1) * cfg.eval_every, cfg.steps)  # evaluations on a fixed grid
+    state, summary = trainer.train("pretrain", step, state, {}, batches, target, par, checkpoint, writer=writer)
     scores = {s.name: evaluator.score(model, {"params": state.params}, s) for s in eval_sets}
     history.append({"step": target, "loss": summary["loss_last"], **scores})
     for name, score in scores.items():
       writer.add_scalar(f"foundation/{name}", score, target)
     log.info("step %d: loss %.3f; %s", target, summary["loss_last"],
                  ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    checkpoint.save(target, state, batches, force=True)
+    if jax.process_index() == 0:
+      store.write_json(history_path, history)
   writer.close()
 
   provenance = {"command": " ".join(["python -m drex.pretrain"] + sys.argv[1:]), "config": cfg.to_dict(),
@@ -111,6 +123,9 @@ def main(argv):
                 "jax": jax.__version__, "foundation_scores": history[-1], "history": history}
   info = store.BaseInfo(info.model, info.template, info.image, provenance)
   store.save_base(base_dir, state.params, info, tokenizer)
+  checkpoint.remove()
+  if jax.process_index() == 0:
+    shutil.rmtree(os.path.join(workdir, "state"), ignore_errors=True)
   log.info("wrote %s (%.0fs)", base_dir, provenance["seconds"])
   print(json.dumps(history[-1]))
   if cfg.export_to:
@@ -118,6 +133,19 @@ def main(argv):
       raise UserError(f"{cfg.export_to} exists; remove it first to replace the exported base")
     shutil.copytree(base_dir, cfg.export_to)
     log.info("exported to %s", cfg.export_to)
+
+
+def _resumable_history(config_path: str, history_path: str, config: dict) -> list[dict]:
+  """The evaluations of an interrupted run of the same config ([] for a fresh WORKDIR); refuses another config."""
+  if os.path.exists(config_path):
+    stored = store.read_json(config_path, "pretraining state config")
+    if stored != json.loads(json.dumps(config)):
+      raise UserError(f"{os.path.dirname(config_path)} holds an interrupted pretraining with another config; "
+                      "re-run with the same config to resume, or use another --workdir")
+    return store.read_json(history_path, "pretraining history") if os.path.exists(history_path) else []
+  if jax.process_index() == 0:
+    store.write_json(config_path, config)
+  return []
 
 
 class _Head:

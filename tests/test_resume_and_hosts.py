@@ -119,3 +119,32 @@ def test_two_processes_give_the_numbers_of_one(uninterrupted, tmp_path):
   for method, entry in one["methods"].items():
     np.testing.assert_allclose(two["methods"][method]["matrix"], entry["matrix"], atol=1e-6)
   assert two["oracle"] == pytest.approx(one["oracle"], abs=1e-6)
+
+
+def _pretrain(workdir, *extra):
+  return subprocess.Popen([sys.executable, "-m", "drex.pretrain", "--config=configs/base_tiny.py:smoke", *extra,
+                           f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _pretrained(workdir):
+  out, err = _pretrain(workdir).communicate(timeout=600)
+  assert out.strip(), err[-3000:]
+  info, _ = store.load_base_info(os.path.join(workdir, "base"))
+  return store.load_base_params(os.path.join(workdir, "base"), None), info.provenance["history"]
+
+
+def test_killed_pretraining_resumes_to_the_same_base(tmp_path):
+  """drex.pretrain killed (SIGKILL) after a resume point and re-run ends with the uninterrupted base."""
+  reference, reference_history = _pretrained(tmp_path / "uninterrupted")
+  workdir = tmp_path / "killed"
+  proc = _pretrain(workdir)
+  _wait_for_resume_point(str(workdir), "pretrain", proc)
+  proc.kill()
+  proc.wait()
+  assert not os.path.exists(workdir / "base")
+  refused = _pretrain(workdir, "--config.learning_rate=0.01").communicate(timeout=600)[1]
+  assert "another config" in refused
+  params, history = _pretrained(workdir)
+  assert history == reference_history and not os.path.exists(workdir / "state")
+  for a, b in zip(jax_leaves(reference), jax_leaves(params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

@@ -53,13 +53,14 @@ class StageCheckpoint:
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
 
   def restore(self, state: Any, iterator: grain.DatasetIterator) -> Any:
-    """The newest restorable state (and iterator position), or `state` when nothing was saved."""
+    """The newest restorable state (and iterator position) past `state.step`, or `state` when there is none."""
     unfinished = [n for n in os.listdir(self.directory) if "tmp" in n] if os.path.isdir(self.directory) else []
     if unfinished:
       log.warning("ignoring unfinished checkpoint writes in %s: %s", self.directory, ", ".join(sorted(unfinished)))
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     problems = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    current = int(getattr(state, "step", 0))
+    for step in sorted((s for s in self.manager.all_steps() if s > current), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)))

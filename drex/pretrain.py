@@ -3,7 +3,8 @@
   python -m drex.pretrain --config=configs/base_tiny.py --workdir=runs/base_tiny
 
 Trains a BPE tokenizer on the task family's text, then the whole tiny InternVL-shaped model on the
-foundation suite (+ the echo task that teaches every answer word), evaluates the foundation suite,
+foundation suite (+ the auxiliary echo task, which teaches every answer word, and caption, which keeps
+colour, kind and layout in the vision features), evaluates the foundation suite,
 and writes WORKDIR/base (orbax params + config.json + tokenizer.json). `--config.export_to=DIR`
 also copies it to DIR.
 

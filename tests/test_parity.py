@@ -158,18 +158,29 @@ def test_config_import(qwen):
   assert cfg.llm.rope.theta == 1e6 and cfg.vision.grid == 4 and cfg.tokens_per_tile == 4
 
 
+def _vision_error(model, cfg, params, pixels) -> float:
+  """Max-abs difference of the vision tower's patch features. pixels: [N, H, W, 3] float32."""
+  with torch.no_grad():
+    ref = model.model.vision_tower(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state
+  ref = ref[:, 1:].numpy()  # without the class token
+  feats = vit.InternViT(cfg.vision).apply({"params": params["vision_model"]}, jnp.asarray(pixels))
+  return float(np.abs(np.asarray(feats).reshape(ref.shape) - ref).max())
+
+
+def _projector_error(model, cfg, params, pixels) -> float:
+  """Max-abs difference of the projected image tokens (vision, pixel shuffle, mlp1). pixels: [N, H, W, 3]."""
+  with torch.no_grad():
+    ref = model.model.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
+  ref = ref.pooler_output.numpy()
+  proj = VLM(cfg).apply({"params": params}, jnp.asarray(pixels)[None], method=VLM.encode_images)
+  return float(np.abs(np.asarray(proj).reshape(ref.shape) - ref).max())
+
+
 def test_vision_features_and_projector_match(qwen):
   model, _, cfg, params = qwen
-  rng = np.random.default_rng(1)
-  pixels = rng.normal(size=(3, 56, 56, 3)).astype(np.float32)
-  px = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-  with torch.no_grad():
-    ref_feats = model.model.vision_tower(pixel_values=px).last_hidden_state[:, 1:].numpy()
-    ref_proj = model.model.get_image_features(pixel_values=px).pooler_output.numpy()
-  feats = vit.InternViT(cfg.vision).apply({"params": params["vision_model"]}, jnp.asarray(pixels))
-  proj = VLM(cfg).apply({"params": params}, jnp.asarray(pixels)[None], method=VLM.encode_images)
-  err_feats = float(np.abs(np.asarray(feats).reshape(3, 16, -1) - ref_feats).max())
-  err_proj = float(np.abs(np.asarray(proj).reshape(ref_proj.shape) - ref_proj).max())
+  pixels = np.random.default_rng(1).normal(size=(3, 56, 56, 3)).astype(np.float32)
+  err_feats = _vision_error(model, cfg, params, pixels)
+  err_proj = _projector_error(model, cfg, params, pixels)
   print(f"vision max-abs {err_feats:.2e}, projector max-abs {err_proj:.2e}")
   assert err_feats <= TOL and err_proj <= TOL
 
@@ -178,18 +189,9 @@ def test_other_image_sizes_interpolate_position_embeddings(qwen):
   model, _, cfg, params = qwen
   rng = np.random.default_rng(2)
   # Square 84 px (6x6 patches, 3x3 tokens): the whole image path, with bicubic position resizing.
-  pixels = rng.normal(size=(2, 84, 84, 3)).astype(np.float32)
-  px = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-  with torch.no_grad():
-    ref_proj = model.model.get_image_features(pixel_values=px).pooler_output.numpy()
-  proj = VLM(cfg).apply({"params": params}, jnp.asarray(pixels)[None], method=VLM.encode_images)
-  err_square = float(np.abs(np.asarray(proj).reshape(ref_proj.shape) - ref_proj).max())
+  err_square = _projector_error(model, cfg, params, rng.normal(size=(2, 84, 84, 3)).astype(np.float32))
   # Non-square 42x70 (3x5 patches): the vision tower (transformers' projector path assumes square grids).
-  pixels = rng.normal(size=(2, 42, 70, 3)).astype(np.float32)
-  with torch.no_grad():
-    ref = model.model.vision_tower(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state
-  feats = vit.InternViT(cfg.vision).apply({"params": params["vision_model"]}, jnp.asarray(pixels))
-  err_odd = float(np.abs(np.asarray(feats).reshape(2, 15, -1) - ref[:, 1:].numpy()).max())
+  err_odd = _vision_error(model, cfg, params, rng.normal(size=(2, 42, 70, 3)).astype(np.float32))
   # drex's resize against torch's bicubic interpolate directly, odd sizes up and down.
   grid = rng.normal(size=(1, 8, 4, 4)).astype(np.float32)
   err_resize = 0.0

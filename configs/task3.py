@@ -11,5 +11,5 @@ from drex import config as config_lib
 
 def get_config(mode: str = "full"):
   c = config_lib.stream_config()
-  c.tasks = config_lib.MAIN_STREAM  # shape kinds; position of the shortest bar; sums in words (no image)
+  c.tasks = config_lib.MAIN_STREAM  # one generic question: a shape's kind; a sum in words (no image); shortest bar
   return config_lib.apply_mode(c, mode)

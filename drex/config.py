@@ -18,10 +18,13 @@ from drex.data import tasks
 from drex.errors import UserError
 
 METHODS = ("routing", "sequential", "mtl")
-# The main job's stream (configs/task3.py): three tasks that per-token routing can tell apart (other
-# images or none, other question words). Tasks that share both images and question form with each other
-# (shape_color/shape_kind, chart_max/chart_min) are not separable token by token: configs/related.py.
-MAIN_STREAM = ("shape_kind", "chart_min", "text_add")
+# The main job's stream (configs/task3.py): one generic question ("what is the answer ?") whose answer
+# format depends on the input: a shape's kind, a number (no image), the shortest bar's side. One LoRA
+# trained on them in turn re-learns the question's format and forgets the earlier tasks (sequential);
+# the inputs differ token by token, so routing keeps each task. Tasks that share both images and
+# question form (shape_color/shape_kind, chart_max/chart_min) are not separable token by token:
+# configs/related.py.
+MAIN_STREAM = ("generic_kind", "generic_add", "generic_min")
 
 
 def stream_config() -> ml_collections.ConfigDict:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drex.data import builder, images, metrics, pipeline, prompts, tasks
+from drex.data import builder, images, metrics, pipeline, prompts, render, tasks
 from drex.data import tokenizer as tok_lib
 from drex.base import tiny_tokenizer
 
@@ -37,6 +37,23 @@ def test_family_has_related_pairs_and_a_language_only_twin():
   assert len(tasks.SPECIALIZED) >= 6
   assert not tasks.get("text_add").has_image and tasks.get("digit_add").has_image
   assert tasks.get("scene_mc").make_group is not None
+  assert not tasks.get("echo").has_image and tasks.get("caption").has_image
+
+
+def test_generic_tasks_share_the_question_and_conflict_in_answer_format():
+  """The main stream's tasks: one question; inputs and answer vocabularies disjoint (kinds, sums, sides)."""
+  answers = {}
+  for name in ("generic_kind", "generic_add", "generic_min"):
+    task = tasks.get(name)
+    drawn = [ex for _, ex in tasks.examples(task, "train", size=200)]
+    assert all(ex.question.endswith(tasks.GENERIC_QUESTION) for ex in drawn), name
+    assert all((ex.image is not None) == task.has_image for ex in drawn), name
+    answers[name] = {ex.answer for ex in drawn}
+  assert answers["generic_kind"] == set(render.SHAPES) and answers["generic_min"] == set(render.BAR_POSITIONS)
+  assert answers["generic_add"] <= {str(n) for n in range(19)} and len(answers["generic_add"]) >= 15
+  for ex in tasks.examples(tasks.get("generic_add"), "test", size=20):
+    a, b = (tasks.NUMBER_WORDS.index(w) for w in ex[1].question.split()[0:3:2])
+    assert int(ex[1].answer) == a + b
 
 
 def test_answers_are_correct_for_known_draws():

@@ -13,6 +13,9 @@ Specialized tasks (learned one at a time by the continual stream):
   count_shapes number of shapes, as a digit          related to scene_mc, with a conflicting answer format
   digit_add    sum of the two digits drawn           } language-only twin pair (cross-modal transfer)
   text_add     sum of two digits given in words only }
+  generic_kind  "what is the answer ?" on a single shape -> its kind         } one generic question, three
+  generic_min   "what is the answer ?" on a bar chart -> shortest bar's side } conflicting answer formats; only
+  generic_add   "one plus two . what is the answer ?" (no image) -> "3"      } the input tells them apart
 
 Pretraining only (not scored), standing in for a real VLM's broad pretraining:
   echo     "repeat the words : w1 w2" -> "w1 w2" over every answer word of the family, so the base's
@@ -66,10 +69,7 @@ class Task:
   make_group: Callable[[np.random.Generator], list[Example]] | None = None
   train_size: int = 4096
   test_size: int = 256  # examples (for circular MC: rotations, i.e. groups x options)
-
-  @property
-  def has_image(self) -> bool:
-    return self.name not in ("text_add", "echo")
+  has_image: bool = True  # False: language-only (a blank image is stored, never shown to the model)
 
 
 # ----------------------------------------------------------------------------- foundation
@@ -163,6 +163,25 @@ def text_add(rng) -> Example:
   return Example(None, f"what is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} ?", str(a + b))
 
 
+# One generic question for three tasks whose answers conflict in format (a shape's kind, a side, a
+# number): a single LoRA trained on them in turn learns "this question -> the latest format" and
+# forgets the earlier ones, while each task's input (shape, chart, words) is distinct per token.
+GENERIC_QUESTION = "what is the answer ?"
+
+
+def generic_kind(rng) -> Example:
+  return dataclasses.replace(shape_kind(rng), question=GENERIC_QUESTION)
+
+
+def generic_min(rng) -> Example:
+  return dataclasses.replace(chart_min(rng), question=GENERIC_QUESTION)
+
+
+def generic_add(rng) -> Example:
+  a, b = (int(v) for v in rng.integers(0, 10, size=2))
+  return Example(None, f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} . {GENERIC_QUESTION}", str(a + b))
+
+
 ANSWER_WORDS = tuple(sorted(set(WORDS) | set(render.COLOURS) | set(render.SHAPES) | set(render.BAR_POSITIONS)
                             | set(LETTERS) | {str(n) for n in range(100)}))
 
@@ -197,8 +216,14 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("chart_min", "specialized", "exact_match", chart_min, "position of the shortest bar"),
     Task("count_shapes", "specialized", "exact_match", count_shapes, "number of shapes, as a digit"),
     Task("digit_add", "specialized", "exact_match", digit_add, "sum of the two digits drawn in the image"),
-    Task("text_add", "specialized", "exact_match", text_add, "sum of two digits written as words (no image)"),
-    Task("echo", "auxiliary", "exact_match", echo, "repeat the given answer words (pretraining only)"),
+    Task("text_add", "specialized", "exact_match", text_add, "sum of two digits written as words (no image)",
+         has_image=False),
+    Task("generic_kind", "specialized", "exact_match", generic_kind, "generic question on a single shape: its kind"),
+    Task("generic_min", "specialized", "exact_match", generic_min, "generic question on a bar chart: shortest bar"),
+    Task("generic_add", "specialized", "exact_match", generic_add, "generic question after two number words: sum",
+         has_image=False),
+    Task("echo", "auxiliary", "exact_match", echo, "repeat the given answer words (pretraining only)",
+         has_image=False),
     Task("caption", "auxiliary", "exact_match", caption, "describe shapes, colours and bars (pretraining only)"),
 ]}
 

@@ -1,7 +1,7 @@
 """Export a trained task expert for PyTorch users.
 
-  python -m drex.export --workdir=runs/task3 --task=chart_max --out=export/chart_max_peft
-  python -m drex.export --workdir=runs/task3 --task=chart_max --out=export/chart_max_merged --merged
+  python -m drex.export --workdir=runs/task3 --task=generic_min --out=export/generic_min_peft
+  python -m drex.export --workdir=runs/task3 --task=generic_min --out=export/generic_min_merged --merged
   python -m drex.export --workdir=runs/task3 --out=export/base_hf --merged        # the base alone
 
 Without --merged, OUT is a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for the

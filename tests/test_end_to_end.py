@@ -83,15 +83,17 @@ def test_walkthrough_notebook_runs_on_a_finished_workdir(smoke_run, monkeypatch,
 @pytest.mark.slow
 def test_task3_shows_the_method(tmp_path):
   """The main job's effects as measured on the shipped base (README, "Results"): routing keeps every task
-  near its own expert and keeps the foundation suite better than both baselines; sequential fine-tuning
-  forgets the foundation suite. (The issue's stricter targets, 2 points of foundation and 15 points of
-  forgetting on tasks 1-2, are not met by this stream; see the README.)"""
+  near its own expert (measured 91-95%) and keeps the foundation suite better than both baselines;
+  sequential fine-tuning forgets tasks 1-2 (measured 48 points) and the foundation suite. (The issue's
+  2-point foundation target is not met: routing measured -3.8 points; see the README.)"""
   cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py"))
   r = Stream(cfg, str(tmp_path / "task3")).run()
   routing, sequential, mtl = (r["methods"][m] for m in ("routing", "sequential", "mtl"))
   for j, task in enumerate(r["tasks"]):
-    assert routing["matrix"][-1][j] >= 0.85 * r["oracle"][task], task
-  assert routing["foundation_retention"] >= -0.08
+    assert routing["matrix"][-1][j] >= 0.88 * r["oracle"][task], task
+  seq = np.asarray(sequential["matrix"])
+  assert np.mean([seq[j + 1, j] - seq[-1, j] for j in (0, 1)]) >= 0.15  # forgetting of tasks 1-2
+  assert routing["foundation_retention"] >= -0.06
   assert routing["foundation_retention"] > sequential["foundation_retention"] + 0.05
   assert routing["foundation_retention"] > mtl["foundation_retention"]
   assert sequential["foundation_retention"] <= -0.10

@@ -104,11 +104,9 @@ class Evaluator:
 _LAYER = re.compile(r"layers_(\d+)")
 
 
-def routing_profile(model: VLM, variables: dict, batch: dict, parallel: Parallel) -> np.ndarray:
-  """Mean routing weight per decoder layer and expert over the real prompt tokens of a (global) batch.
-
-  Averages the gates of all adapted linears of a layer. Returns [num_layers, E].
-  """
+@functools.lru_cache(maxsize=8)
+def _mean_gates_fn(model: VLM, mesh: jax.sharding.Mesh):
+  """Jitted once per (model, mesh): {adapted linear path: mean gates [E]} of a batch, replicated."""
 
   def mean_gates(variables, px, ids, mask):
     _, state = model.apply(variables, px, ids, prompt_positions(mask), mask.astype(bool), mutable=["intermediates"])
@@ -116,11 +114,18 @@ def routing_profile(model: VLM, variables: dict, batch: dict, parallel: Parallel
     flat = flax.traverse_util.flatten_dict(state["intermediates"])
     return {"/".join(k): (v[0] * weight).sum((0, 1)) / weight.sum() for k, v in flat.items() if k[-1] == "gates"}
 
+  return jax.jit(mean_gates, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def routing_profile(model: VLM, variables: dict, batch: dict, parallel: Parallel) -> np.ndarray:
+  """Mean routing weight per decoder layer and expert over the real prompt tokens of a (global) batch.
+
+  Averages the gates of all adapted linears of a layer. Returns [num_layers, E].
+  """
   inputs = parallel.global_batch({k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")})
-  replicated = jax.sharding.NamedSharding(parallel.mesh, jax.sharding.PartitionSpec())
   with parallel.context():
-    per_linear = jax.jit(mean_gates, out_shardings=replicated)(variables, inputs["pixel_values"],
-                                                               inputs["input_ids"], inputs["attention_mask"])
+    per_linear = _mean_gates_fn(model, parallel.mesh)(variables, inputs["pixel_values"], inputs["input_ids"],
+                                                      inputs["attention_mask"])
   per_layer: dict[int, list[np.ndarray]] = {}
   for path, value in per_linear.items():
     layer = int(next(m.group(1) for m in map(_LAYER.fullmatch, path.split("/")) if m))

@@ -51,6 +51,10 @@ def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.Confi
   return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)
 
 
+# Compiled once per model structure, prompt shape and answer length (the model is a hashable linen module).
+_jitted_generate = jax.jit(greedy_generate, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
+
+
 def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_tokens: int = 16) -> dict:
   """Answer one question with the routed model `load_routed(workdir)` returned.
 
@@ -65,14 +69,14 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   pixels, tiles = encoder.pixels(image)
   ids = np.asarray([encoder.prompt_ids(question, tiles)], np.int32)
   mask = np.ones_like(ids)
-  tokens = greedy_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id, encoder.pad_id)
+  tokens = _jitted_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id, encoder.pad_id)
   batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}
   profile = evaluation.routing_profile(model, variables, batch, Parallel.create((1, 1, 1), devices=jax.devices()[:1]))
   if routing.null_expert:  # the weight left to the base itself
     profile = np.concatenate([profile, 1.0 - profile.sum(-1, keepdims=True)], -1)
     names = names + ["base (null)"]
   return {"answer": encoder.decode_answer(np.asarray(tokens[0])), "experts": names,
-          "routing_per_layer": np.round(profile, 3).tolist()}
+          "routing_per_layer": np.round(profile.astype(np.float64), 3).tolist()}
 
 
 def main(argv):

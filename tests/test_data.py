@@ -37,6 +37,7 @@ def test_tasks_are_deterministic_and_distinct():
 def test_family_has_related_pairs_and_a_language_only_twin():
   assert len(tasks.SPECIALIZED) >= 6
   assert not tasks.get("text_add").has_image and tasks.get("digit_add").has_image
+  assert not tasks.get("text_min").has_image and tasks.get("chart_min").has_image
   assert tasks.get("scene_mc").make_group is not None
   assert not tasks.get("echo").has_image and tasks.get("caption").has_image
 
@@ -63,6 +64,10 @@ def test_answers_are_correct_for_known_draws():
     ex = tasks.text_add(rng)
     a, b = (tasks.NUMBER_WORDS.index(w) for w in ex.question.split()[2:5:2])
     assert int(ex.answer) == a + b
+  for _ in range(20):
+    ex = tasks.text_min(rng)
+    values = [int(v) for v in ex.question.split()[1:4]]
+    assert ex.answer == render.BAR_POSITIONS[values.index(min(values))] and len(set(values)) == 3
   for ex in tasks.scene_mc_group(np.random.default_rng(1)):
     letters = ex.question.split("?")[1].split()
     options = {letters[i]: letters[i + 2] for i in range(0, 12, 3)}

@@ -9,10 +9,11 @@ Specialized tasks (learned one at a time by the continual stream):
   shape_color  colour of the single shape            } related: same images, shared question form
   shape_kind   kind of the single shape              }
   chart_max    position of the tallest bar           } related to each other and to chart_value
-  chart_min    position of the shortest bar          }
+  chart_min    position of the shortest bar          }  text_min is its language-only twin
   count_shapes number of shapes, as a digit          related to scene_mc, with a conflicting answer format
   digit_add    sum of the two digits drawn           } language-only twin pair (cross-modal transfer)
   text_add     sum of two digits given in words only }
+  text_min     the shortest bar of "bars 3 7 5" (the caption form of a chart), no image (cross-modal twin)
   generic_kind  "what is the answer ?" on a single shape -> its kind         } one generic question, three
   generic_min   "what is the answer ?" on a bar chart -> shortest bar's side } conflicting answer formats; only
   generic_add   "one plus two . what is the answer ?" (no image) -> "3"      } the input tells them apart
@@ -148,6 +149,13 @@ def chart_min(rng) -> Example:
                  render.BAR_POSITIONS[int(np.argmin(values))])
 
 
+def text_min(rng) -> Example:
+  """chart_min's question about a chart given as its caption ("bars 3 7 5"), without the image."""
+  values = _distinct_chart(rng)
+  return Example(None, "bars " + " ".join(map(str, values)) + " . which bar is the shortest ?",
+                 render.BAR_POSITIONS[int(np.argmin(values))])
+
+
 def count_shapes(rng) -> Example:
   image, count = _scene(rng)
   return Example(image, "how many shapes are there ?", str(count))
@@ -214,6 +222,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("shape_kind", "specialized", "exact_match", shape_kind, "kind of the single shape"),
     Task("chart_max", "specialized", "exact_match", chart_max, "position of the tallest bar"),
     Task("chart_min", "specialized", "exact_match", chart_min, "position of the shortest bar"),
+    Task("text_min", "specialized", "exact_match", text_min, "shortest bar of a chart given as text (no image)",
+         has_image=False),
     Task("count_shapes", "specialized", "exact_match", count_shapes, "number of shapes, as a digit"),
     Task("digit_add", "specialized", "exact_match", digit_add, "sum of the two digits drawn in the image"),
     Task("text_add", "specialized", "exact_match", text_add, "sum of two digits written as words (no image)",

@@ -1,5 +1,7 @@
 """The task family, TFDS builder, grain pipeline, tokenizer, templates, tiling and metrics."""
 
+import json
+import os
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from PIL import Image
 
 from drex.data import builder, images, metrics, pipeline, prompts, render, tasks
 from drex.data import tokenizer as tok_lib
-from drex.base import tiny_tokenizer
+from drex.base import shipped_path, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +234,11 @@ def test_circular_mc_needs_every_rotation():
   assert metrics.score_from_stats("exact_match", both) == pytest.approx(2 / 3)  # host sums add up exactly
   with pytest.raises(ValueError, match="unknown metric"):
     metrics.sufficient_stats("bleu", [], [], [], 0)
+
+
+def test_tiny_tokenizer_rebuilds_the_shipped_one(tokenizer, tmp_path):
+  """drex.pretrain trains this tokenizer: it must not drift as tasks are added to the family."""
+  tokenizer.save(str(tmp_path))
+  rebuilt = json.load(open(tmp_path / "tokenizer.json"))["model"]
+  shipped = json.load(open(os.path.join(shipped_path(), "tokenizer.json")))["model"]
+  assert rebuilt["vocab"] == shipped["vocab"] and rebuilt["merges"] == shipped["merges"]

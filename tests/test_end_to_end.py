@@ -85,7 +85,8 @@ def test_task3_shows_the_method(tmp_path):
   """The main job's effects as measured on the shipped base (README, "Results"): routing keeps every task
   near its own expert (measured 91-95%) and keeps the foundation suite better than both baselines;
   sequential fine-tuning forgets tasks 1-2 (measured 48 points) and the foundation suite. (The issue's
-  2-point foundation target is not met: routing measured -3.8 points; see the README.)"""
+  2-point foundation target is not met: routing measured -3.8 points; benchmarks/results/routing_subsets_cpu.md
+  measures why.)"""
   cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py"))
   r = Stream(cfg, str(tmp_path / "task3")).run()
   routing, sequential, mtl = (r["methods"][m] for m in ("routing", "sequential", "mtl"))

@@ -51,7 +51,8 @@ def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.Confi
   return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)
 
 
-# Compiled once per model structure, prompt shape and answer length (the model is a hashable linen module).
+# Compiled once per model structure, prompt bucket and answer length (the model is a hashable linen module).
+_PROMPT_BUCKET = 32
 _jitted_generate = jax.jit(greedy_generate, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
 
 
@@ -67,8 +68,10 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   model = base.model(lora.AdapterSpec(routing, cfg.lora.lora_alpha, cfg.lora.rslora, cfg.lora.kernel))
   encoder = base.encoder()
   pixels, tiles = encoder.pixels(image)
-  ids = np.asarray([encoder.prompt_ids(question, tiles)], np.int32)
-  mask = np.ones_like(ids)
+  prompt = encoder.prompt_ids(question, tiles)
+  pad = -len(prompt) % _PROMPT_BUCKET  # left-padded to a bucket: one compile serves prompts of similar length
+  ids = np.asarray([[encoder.pad_id] * pad + prompt], np.int32)
+  mask = np.asarray([[0] * pad + [1] * len(prompt)], np.int32)
   tokens = _jitted_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id, encoder.pad_id)
   batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}
   profile = evaluation.routing_profile(model, variables, batch, Parallel.create((1, 1, 1), devices=jax.devices()[:1]))

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from drex import base as base_lib
+from drex import generate
 from drex.cli import load_config_file
+from drex.data import tasks
 from drex.stream import Stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +63,19 @@ def test_smoke_stream_end_to_end_reuse_and_reevaluation(smoke_run):
   for method in stored["methods"]:
     assert again["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
     assert evaluated["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
+
+
+def test_ask_answers_the_same_with_and_without_prompt_padding(smoke_run, monkeypatch):
+  """ask() left-pads prompts to a bucket so one compile serves many questions: padding must change nothing."""
+  cfg, workdir, _ = smoke_run
+  routed = generate.load_routed(workdir)
+  examples = [next(tasks.examples(tasks.get(name), "test", size=1))[1] for name in (cfg.tasks[0], "doc_text")]
+  padded = [generate.ask(routed, ex.image, ex.question, max_new_tokens=4) for ex in examples]
+  monkeypatch.setattr(generate, "_PROMPT_BUCKET", 1)
+  unpadded = [generate.ask(routed, ex.image, ex.question, max_new_tokens=4) for ex in examples]
+  assert [p["answer"] for p in padded] == [u["answer"] for u in unpadded]
+  np.testing.assert_allclose([p["routing_per_layer"] for p in padded], [u["routing_per_layer"] for u in unpadded],
+                             atol=2e-3)
 
 
 def test_walkthrough_notebook_runs_on_a_finished_workdir(smoke_run, monkeypatch, capsys):

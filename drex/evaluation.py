@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from drex.data import metrics
 from drex.data import pipeline
-from drex.models.generation import greedy_generate, prompt_positions
+from drex.models.generation import jitted_greedy_generate, prompt_positions
 from drex.models.vlm import VLM
 from drex.parallel import Parallel
 
@@ -61,26 +61,18 @@ class Evaluator:
     self.batch_size = batch_size
     self.max_new_tokens = max_new_tokens
     self.parallel = parallel
-    self._compiled: dict[Any, Any] = {}
-
-  def _generate_fn(self, model: VLM):
-    key = (model.config, model.adapter)
-    if key not in self._compiled:
-      fn = functools.partial(greedy_generate, model, max_new_tokens=self.max_new_tokens,
-                             eos_id=self.encoder.eos_id, pad_id=self.encoder.pad_id)
-      self._compiled[key] = jax.jit(lambda variables, px, ids, mask: fn(variables, px, ids, mask))
-    return self._compiled[key]
 
   def predictions(self, model: VLM, variables: dict, eval_set: EvalSet) -> tuple[list[int], list[str]]:
     """(record indices, answers) of this process's rows."""
-    generate = self._generate_fn(model)
     indices, answers = [], []
     spec = jax.sharding.PartitionSpec(self.parallel.batch_sharding().spec[0])
     for batch in pipeline.eval_batches(eval_set.source, self.encoder, self.prompt_len, self.batch_size,
                                        eval_set.size, jax.process_index(), jax.process_count()):
       inputs = self.parallel.global_batch({k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")})
       with self.parallel.context():
-        tokens = generate(variables, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+        tokens = jitted_greedy_generate(model, variables, inputs["pixel_values"], inputs["input_ids"],
+                                        inputs["attention_mask"], self.max_new_tokens, self.encoder.eos_id,
+                                        self.encoder.pad_id)
       local = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.parallel.mesh, spec))
       for row, ok, index in zip(local, batch["valid"], batch["index"]):
         if ok:

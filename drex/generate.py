@@ -23,7 +23,7 @@ from drex.adapters import lora
 from drex.checkpoints import store
 from drex.data import images
 from drex.errors import UserError
-from drex.models.generation import greedy_generate
+from drex.models.generation import jitted_greedy_generate
 from drex.parallel import Parallel
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
@@ -51,9 +51,7 @@ def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.Confi
   return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)
 
 
-# Compiled once per model structure, prompt bucket and answer length (the model is a hashable linen module).
-_PROMPT_BUCKET = 32
-_jitted_generate = jax.jit(greedy_generate, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
+_PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: one compile serves similar lengths
 
 
 def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_tokens: int = 16) -> dict:
@@ -69,10 +67,10 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   encoder = base.encoder()
   pixels, tiles = encoder.pixels(image)
   prompt = encoder.prompt_ids(question, tiles)
-  pad = -len(prompt) % _PROMPT_BUCKET  # left-padded to a bucket: one compile serves prompts of similar length
+  pad = -len(prompt) % _PROMPT_BUCKET
   ids = np.asarray([[encoder.pad_id] * pad + prompt], np.int32)
   mask = np.asarray([[0] * pad + [1] * len(prompt)], np.int32)
-  tokens = _jitted_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id, encoder.pad_id)
+  tokens = jitted_greedy_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id, encoder.pad_id)
   batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}
   profile = evaluation.routing_profile(model, variables, batch, Parallel.create((1, 1, 1), devices=jax.devices()[:1]))
   if routing.null_expert:  # the weight left to the base itself

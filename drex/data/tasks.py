@@ -161,13 +161,18 @@ def count_shapes(rng) -> Example:
   return Example(image, "how many shapes are there ?", str(count))
 
 
-def digit_add(rng) -> Example:
+def _addends(rng) -> tuple[int, int]:
   a, b = (int(v) for v in rng.integers(0, 10, size=2))
+  return a, b
+
+
+def digit_add(rng) -> Example:
+  a, b = _addends(rng)
   return Example(render.draw_text(rng, f"{a}+{b}"), "what is the sum of the two digits in the image ?", str(a + b))
 
 
 def text_add(rng) -> Example:
-  a, b = (int(v) for v in rng.integers(0, 10, size=2))
+  a, b = _addends(rng)
   return Example(None, f"what is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} ?", str(a + b))
 
 
@@ -186,7 +191,7 @@ def generic_min(rng) -> Example:
 
 
 def generic_add(rng) -> Example:
-  a, b = (int(v) for v in rng.integers(0, 10, size=2))
+  a, b = _addends(rng)
   return Example(None, f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} . {GENERIC_QUESTION}", str(a + b))
 
 

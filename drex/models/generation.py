@@ -49,3 +49,8 @@ def greedy_generate(model: VLM, variables: dict, pixel_values: jax.Array | None,
   carry = (first, positions[:, -1] + 1, cache, kv_mask, jnp.zeros((b,), bool))
   _, rest = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
   return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+# The jitted decoder every caller uses: compiled once per model structure (linen modules are hashable),
+# input shapes, answer length and special tokens.
+jitted_greedy_generate = jax.jit(greedy_generate, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))

@@ -1,6 +1,7 @@
 """Pretraining of the tiny InternVL-shaped base that ships with drex (drex/assets/base_tiny).
 
   python -m drex.pretrain --config=configs/base_tiny.py --workdir=runs/base_tiny
+  python -m drex.pretrain --config=configs/base_tiny.py:continue --workdir=runs/base_tiny_continued  # its 2nd phase
   python -m drex.pretrain --config=configs/base_tiny.py:smoke --workdir=/tmp/base_smoke   # seconds
 """
 
@@ -26,6 +27,7 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   c.checkpoint_every = 250  # steps between resume points (also after each evaluation and on SIGTERM)
   c.max_seconds = 0  # stop training (at an evaluation) after this many seconds (0 = run all steps)
   c.export_to = ""  # if set, also copy the finished base there (e.g. drex/assets/base_tiny)
+  c.init_from = ""  # a base directory to continue pretraining ('' = a fresh tokenizer and init)
   if mode == "smoke":  # a seconds-long run that exercises every code path
     c.steps = 20
     c.data = "train"
@@ -42,6 +44,12 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
     c.eval_every = 2500
     c.data_workers = 12
     c.max_seconds = 330
+  elif mode == "continue":  # a second, lower-lr phase on the 'full' run's base: consolidates doc_text
+    c.init_from = "runs/base_tiny/base"
+    c.seed = 1  # another data order than the first phase's
+    c.steps = 3000
+    c.learning_rate = 3e-4
+    c.warmup_steps = 100
   elif mode != "full":
-    raise ValueError(f"unknown mode {mode!r}; use 'full', 'gpu' or 'smoke'")
+    raise ValueError(f"unknown mode {mode!r}; use 'full', 'continue', 'gpu' or 'smoke'")
   return c

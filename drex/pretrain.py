@@ -6,7 +6,8 @@ Trains a BPE tokenizer on the task family's text, then the whole tiny InternVL-s
 foundation suite (+ the auxiliary echo task, which teaches every answer word, and caption, which keeps
 colour, kind and layout in the vision features), evaluates the foundation suite,
 and writes WORKDIR/base (orbax params + config.json + tokenizer.json). `--config.export_to=DIR`
-also copies it to DIR.
+also copies it to DIR. `--config.init_from=BASE_DIR` continues pretraining that base instead (its
+architecture, tokenizer and params; its provenance is kept under provenance.init_from).
 
 Preemption-safe like drex.train: params, optimizer state, step and data position are saved in
 WORKDIR/state/pretrain every `checkpoint_every` steps, after each evaluation and on SIGTERM; re-running
@@ -60,9 +61,15 @@ def main(argv):
   data_dir = cfg.data_dir or builder.DEFAULT_DATA_DIR
   begin = time.time()
 
-  tokenizer = base_lib.tiny_tokenizer(cfg.vocab_size)
-  info = store.BaseInfo(presets.tiny(tokenizer.vocab_size, tokenizer.token_id("<IMG_CONTEXT>")), "tiny",
-                        pipeline.ImageSpec(tile_size=32, max_tiles=1))
+  par = parallel.Parallel.create()
+  if cfg.init_from:  # continue pretraining a base: its architecture, tokenizer and params
+    start = base_lib.load(cfg.init_from, par)
+    tokenizer, start_params = start.tokenizer, start.params
+    info = store.BaseInfo(start.info.model, start.info.template, start.info.image)
+  else:
+    tokenizer, start_params = base_lib.tiny_tokenizer(cfg.vocab_size), None
+    info = store.BaseInfo(presets.tiny(tokenizer.vocab_size, tokenizer.token_id("<IMG_CONTEXT>")), "tiny",
+                          pipeline.ImageSpec(tile_size=32, max_tiles=1))
   model = base_lib.Base(info, tokenizer, None, "").model()
   encoder = base_lib.Base(info, tokenizer, None, "").encoder()
 
@@ -80,14 +87,13 @@ def main(argv):
   seq_len = _round_up(max(t for _, t in train_lengths) + 2, 8)
   log.info("model %s; tokenizer %d tokens; seq_len %d", info.model.llm, tokenizer.vocab_size, seq_len)
 
-  par = parallel.Parallel.create()
   optim = trainer.OptimConfig(cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay)
   optimizer = trainer.make_optimizer(optim)
   boxed = base_lib.boxed_shapes(model, info.image)
   params_sh = par.tree_shardings(boxed)
   shardings = trainer.state_shardings(optimizer, params_sh, par, nn.unbox(boxed))
-  params = jax.jit(lambda: base_lib.init_params(model, info.image, jax.random.key(cfg.seed)),
-                   out_shardings=params_sh)()
+  params = start_params if start_params is not None else jax.jit(
+      lambda: base_lib.init_params(model, info.image, jax.random.key(cfg.seed)), out_shardings=params_sh)()
   state = trainer.create_state(params, optimizer, shardings)
   batches = pipeline.train_batches(sources, encoder, seq_len, cfg.batch_size, cfg.seed, weights=[1.0] * len(sources),
                                    process_index=jax.process_index(), process_count=jax.process_count(),
@@ -122,6 +128,8 @@ def main(argv):
                 "steps_done": int(state.step),
                 "seconds": round(time.time() - begin, 1), "device": jax.devices()[0].device_kind,
                 "jax": jax.__version__, "foundation_scores": history[-1], "history": history}
+  if cfg.init_from:
+    provenance["init_from"] = {"path": cfg.init_from, "provenance": start.info.provenance}
   info = store.BaseInfo(info.model, info.template, info.image, provenance)
   store.save_base(base_dir, state.params, info, tokenizer)
   checkpoint.remove()

@@ -126,8 +126,8 @@ def _pretrain(workdir, *extra):
                            f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _pretrained(workdir):
-  out, err = _pretrain(workdir).communicate(timeout=600)
+def _pretrained(workdir, *extra):
+  out, err = _pretrain(workdir, *extra).communicate(timeout=600)
   assert out.strip(), err[-3000:]
   info, _ = store.load_base_info(os.path.join(workdir, "base"))
   return store.load_base_params(os.path.join(workdir, "base"), None), info.provenance["history"]
@@ -148,3 +148,19 @@ def test_killed_pretraining_resumes_to_the_same_base(tmp_path):
   assert history == reference_history and not os.path.exists(workdir / "state")
   for a, b in zip(jax_leaves(reference), jax_leaves(params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_pretraining_continues_from_a_base(tmp_path):
+  """--config.init_from starts from that base's params and tokenizer (at learning rate 0 they come out
+  unchanged, where a fresh init would not) and keeps its provenance."""
+  from drex import base as base_lib
+  shipped = base_lib.shipped_path()
+  params, _ = _pretrained(tmp_path, f"--config.init_from={shipped}", "--config.learning_rate=0",
+                               "--config.steps=2", "--config.eval_size=8", "--config.eval_batch_size=8")
+  for a, b in zip(jax_leaves(store.load_base_params(shipped, None)), jax_leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  info, _ = store.load_base_info(os.path.join(tmp_path, "base"))
+  shipped_info, _ = store.load_base_info(shipped)
+  assert info.provenance["init_from"] == {"path": shipped, "provenance": shipped_info.provenance}
+  with open(os.path.join(tmp_path, "base", "tokenizer.json")) as ours, open(os.path.join(shipped, "tokenizer.json")) as theirs:
+    assert ours.read() == theirs.read()

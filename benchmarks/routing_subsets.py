@@ -9,8 +9,9 @@ training again:
       '{"k":2};{"k":2,"null":true};{"k":2,"null":true,"cal":true,"T":0.5}'
 
 Subsets are ';'-separated lists of tasks; settings are ';'-separated JSON objects with k, T (temperature),
-null (null expert) and cal (calibrated scores). Prints one line per subset and setting: each task's and
-each foundation member's accuracy.
+null (null expert) and cal (calibrated scores). An optional fourth argument names the split the
+accuracies are measured on: 'validation' (default; choose settings there) or 'test'. Prints one line
+per subset and setting: each task's and each foundation member's accuracy.
 """
 
 import json
@@ -23,8 +24,9 @@ from drex.checkpoints import store
 from drex.stream import Stream
 
 
-def main(workdir: str, subsets: str, settings: str) -> None:
+def main(workdir: str, subsets: str, settings: str, split: str = "validation") -> None:
   cfg = config_lib.read_run_config(workdir)
+  cfg.data.eval_split = split
   cfg.router.null_expert = True  # so that the null prototypes are built (or loaded) once
   stream = Stream(cfg, workdir, eval_only=True)
   null = stream.null_prototypes()
@@ -43,4 +45,4 @@ def main(workdir: str, subsets: str, settings: str) -> None:
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:4])
+  main(*sys.argv[1:5])

@@ -45,3 +45,7 @@ def test_validation_errors_name_the_field():
   cfg.lora.r = 0
   with pytest.raises(UserError, match="config.lora.r must be >= 1"):
     config_lib.validate(cfg)
+  cfg = config_lib.stream_config()
+  cfg.data.eval_split = "train"
+  with pytest.raises(UserError, match="config.data.eval_split must be one of"):
+    config_lib.validate(cfg)

@@ -32,8 +32,21 @@ def test_tasks_are_deterministic_and_distinct():
       assert all(e.image.shape == (32, 32, 3) and e.image.dtype == np.uint8 for e in a)
       np.testing.assert_array_equal(a[0].image, b[0].image)
     test = [ex for _, ex in tasks.examples(task, "test", size=5)]
-    assert [(e.question, e.answer) for e in test] != [(e.question, e.answer) for e in a] or not task.has_image or \
-        any((t.image != e.image).any() for t, e in zip(test, a))
+    validation = [ex for _, ex in tasks.examples(task, "validation", size=5)]
+    for other in (test, validation):
+      assert [(e.question, e.answer) for e in other] != [(e.question, e.answer) for e in a] or not task.has_image or \
+          any((t.image != e.image).any() for t, e in zip(other, a)), name
+    assert [(e.question, e.answer) for e in validation] != [(e.question, e.answer) for e in test] or \
+        not task.has_image or any((v.image != t.image).any() for v, t in zip(validation, test)), name
+
+
+def test_validation_split_is_drawn_like_the_test_split():
+  """Same size and the same grouping of circular multiple-choice rotations, other examples."""
+  task = tasks.get("scene_mc")
+  validation, test = list(tasks.examples(task, "validation")), list(tasks.examples(task, "test"))
+  assert len(validation) == len(test) == task.test_size
+  assert [g for g, _ in validation] == [g for g, _ in test]
+  assert [e.question for _, e in validation] != [e.question for _, e in test]
 
 
 def test_family_has_related_pairs_and_a_language_only_twin():

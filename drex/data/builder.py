@@ -1,6 +1,6 @@
 """TFDS builder of the procedurally generated task family (array_record, no TensorFlow needed).
 
-One builder config per task (`drex_tasks/<task>`, splits 'train' and 'test'), and one per task of
+One builder config per task (`drex_tasks/<task>`, splits 'train', 'validation' and 'test'), and one per task of
 tasks.PRETRAIN_MIX (foundation suite + echo) holding the base's pretraining data
 (`drex_tasks/pretrain_<task>`, split 'train' only, PRETRAIN_SIZE examples). Records:
   image      PNG (32x32x3; a blank image for language-only tasks)
@@ -28,9 +28,10 @@ PRETRAIN_SIZE = 100_000
 class DrexTasks(tfds.core.GeneratorBasedBuilder):
   """The embedded default's tasks: foundation suite + specialized tasks (see drex.data.tasks)."""
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Records kept in generation order.",
-                   "1.2.0": "doc_text reads numbers too; caption pretraining task."}
+                   "1.2.0": "doc_text reads numbers too; caption pretraining task.",
+                   "1.3.0": "validation split (drawn like test) for choosing settings."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=t.description) for name, t in tasks.TASKS.items()
                     ] + [tfds.core.BuilderConfig(name=PRETRAIN_PREFIX + name, description=f"pretraining data: {name}")
                          for name in tasks.PRETRAIN_MIX]
@@ -53,7 +54,7 @@ class DrexTasks(tfds.core.GeneratorBasedBuilder):
     name = self.builder_config.name
     if name.startswith(PRETRAIN_PREFIX):
       return {"train": self._generate_examples(name[len(PRETRAIN_PREFIX):], "pretrain", PRETRAIN_SIZE)}
-    return {split: self._generate_examples(name, split) for split in ("train", "test")}
+    return {split: self._generate_examples(name, split) for split in ("train", *tasks.EVAL_SPLITS)}
 
   def _generate_examples(self, name, split, size=None):
     for i, (group, ex) in enumerate(tasks.examples(tasks.get(name), split, size)):

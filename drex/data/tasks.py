@@ -253,20 +253,22 @@ def get(name: str) -> Task:
   return TASKS[name]
 
 
-SPLIT_SEEDS = {"train": 0, "test": 1, "pretrain": 2}
+SPLIT_SEEDS = {"train": 0, "test": 1, "pretrain": 2, "validation": 3}
+EVAL_SPLITS = ("validation", "test")  # drawn like the test split: test_size examples, MC rotations grouped
 
 
 def examples(task: Task, split: str, size: int | None = None, seed: int = 0):
-  """Deterministic stream of (group id, Example) for a split ('train', 'test' or 'pretrain').
+  """Deterministic stream of (group id, Example) for a split ('train', 'validation', 'test' or 'pretrain').
 
-  'pretrain' is a separate, larger draw of training examples (the base's pretraining data).
+  'pretrain' is a separate, larger draw of training examples (the base's pretraining data);
+  'validation' is a second draw like 'test', for choosing settings without looking at the test split.
   """
   if split not in SPLIT_SEEDS:
     raise ValueError(f"unknown split {split!r}; use one of {tuple(SPLIT_SEEDS)}")
   rng = np.random.default_rng([seed, zlib.crc32(task.name.encode()), SPLIT_SEEDS[split]])
   if size is None:
-    size = task.test_size if split == "test" else task.train_size
-  if split == "test" and task.make_group is not None:
+    size = task.test_size if split in EVAL_SPLITS else task.train_size
+  if split in EVAL_SPLITS and task.make_group is not None:
     group = 0
     produced = 0
     while produced < size:

@@ -98,18 +98,17 @@ def test_walkthrough_notebook_runs_on_a_finished_workdir(smoke_run, monkeypatch,
 @pytest.mark.slow
 def test_task3_shows_the_method(tmp_path):
   """The main job's effects as measured on the shipped base (README, "Results"): routing keeps every task
-  near its own expert (measured 91-95%) and keeps the foundation suite better than both baselines;
-  sequential fine-tuning forgets tasks 1-2 (measured 48 points) and the foundation suite. (The issue's
-  2-point foundation target is not met: routing measured -3.8 points; benchmarks/results/routing_subsets_cpu.md
-  measures why.)"""
+  near its own expert (measured 94-100%) and the foundation suite within the issue's 2 points (measured
+  -1.6), better than both baselines; sequential fine-tuning forgets tasks 1-2 (measured 60 points) and the
+  foundation suite (-23). Margins allow for other CPUs' numerics; the run is deterministic on one machine."""
   cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py"))
   r = Stream(cfg, str(tmp_path / "task3")).run()
   routing, sequential, mtl = (r["methods"][m] for m in ("routing", "sequential", "mtl"))
   for j, task in enumerate(r["tasks"]):
-    assert routing["matrix"][-1][j] >= 0.88 * r["oracle"][task], task
+    assert routing["matrix"][-1][j] >= 0.9 * r["oracle"][task], task
   seq = np.asarray(sequential["matrix"])
   assert np.mean([seq[j + 1, j] - seq[-1, j] for j in (0, 1)]) >= 0.15  # forgetting of tasks 1-2
-  assert routing["foundation_retention"] >= -0.06
+  assert routing["foundation_retention"] >= -0.025
   assert routing["foundation_retention"] > sequential["foundation_retention"] + 0.05
   assert routing["foundation_retention"] > mtl["foundation_retention"]
   assert sequential["foundation_retention"] <= -0.10

@@ -9,7 +9,8 @@ training again:
       '{"k":2};{"k":2,"null":true};{"k":2,"null":true,"cal":true,"T":0.5}'
 
 Subsets are ';'-separated lists of tasks; settings are ';'-separated JSON objects with k, T (temperature),
-null (null expert) and cal (calibrated scores). An optional fourth argument names the split the
+null (null expert) and cal (calibrated scores); what a setting leaves out is the run's own router config
+(`{}` = the routing the run evaluated with). An optional fourth argument names the split the
 accuracies are measured on: 'validation' (default; choose settings there) or 'test'. Prints one line
 per subset and setting: each task's and each foundation member's accuracy.
 """
@@ -19,7 +20,6 @@ import sys
 
 from drex import config as config_lib
 from drex.adapters import lora
-from drex.adapters.routing import Routing
 from drex.checkpoints import store
 from drex.stream import Stream
 
@@ -27,6 +27,7 @@ from drex.stream import Stream
 def main(workdir: str, subsets: str, settings: str, split: str = "validation") -> None:
   cfg = config_lib.read_run_config(workdir)
   cfg.data.eval_split = split
+  run_router = cfg.router.to_dict()
   cfg.router.null_expert = True  # so that the null prototypes are built (or loaded) once
   stream = Stream(cfg, workdir, eval_only=True)
   null = stream.null_prototypes()
@@ -36,8 +37,10 @@ def main(workdir: str, subsets: str, settings: str, split: str = "validation") -
     routers = lora.stack([adapters[t][1] for t in subset])
     columns = list(subset) + list(cfg.foundation)
     for setting in [json.loads(s) for s in settings.split(";")]:
-      routing = Routing("topk", k=setting.get("k", 2), temperature=setting.get("T", 1.0),
-                        null_expert=setting.get("null", False), calibrated=setting.get("cal", False))
+      cfg.router.update(k=setting.get("k", run_router["k"]), temperature=setting.get("T", run_router["temperature"]),
+                        null_expert=setting.get("null", run_router["null_expert"]),
+                        calibrate=setting.get("cal", run_router["calibrate"]))
+      routing = config_lib.inference_routing(cfg, len(subset))
       router = lora.merge_trees(routers, null) if routing.null_expert else routers
       row = stream.evaluate_row(routing, {"experts": experts, "router": router}, columns)
       print(f"{'+'.join(subset)} {json.dumps(setting)}: " + ", ".join(f"{c} {v:.3f}" for c, v in zip(columns, row)),

@@ -1,4 +1,5 @@
-"""Pretraining of the tiny InternVL-shaped base that ships with drex (drex/assets/base_tiny).
+"""Pretraining of the tiny InternVL-shaped base that ships with drex (drex/assets/base_tiny): the first
+command, then the second (a lower-lr phase from the first's base).
 
   python -m drex.pretrain --config=configs/base_tiny.py --workdir=runs/base_tiny
   python -m drex.pretrain --config=configs/base_tiny.py:continue --workdir=runs/base_tiny_continued  # its 2nd phase
@@ -11,7 +12,7 @@ import ml_collections
 def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed: tokenizer corpus, init, data order
-  c.vocab_size = 384  # size of the BPE vocabulary trained on the task family's text
+  c.vocab_size = 384  # size of the BPE vocabulary trained on the task family's text (not used with init_from)
   c.data_dir = ""  # TFDS data directory ('' = ~/.cache/drex/tfds)
   c.data = "pretrain"  # 'pretrain' (the large pretraining splits) or 'train' (the tasks' small train splits)
   c.data_workers = 0  # grain worker processes formatting batches (0 = in the main process)
@@ -36,7 +37,7 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
     c.eval_size = 16
     c.eval_batch_size = 16
     c.checkpoint_every = 5
-  elif mode == "gpu":  # the run that made the shipped base: large batches, parallel input pipeline
+  elif mode == "gpu":  # the first phase on a GPU: large batches, parallel input pipeline
     c.batch_size = 512
     c.steps = 20000
     c.learning_rate = 2e-3

@@ -41,7 +41,7 @@ def stream_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # TFDS data directory ('' = ~/.cache/drex/tfds)
   c.data.batch_size = 32  # training examples per step (global, all hosts)
-  c.data.eval_size = 256  # test examples per task (circular MC: rotations)
+  c.data.eval_size = 256  # evaluation examples per task (circular MC: rotations)
   c.data.eval_split = "test"  # split the accuracies are measured on ('validation' when choosing settings)
   c.data.eval_batch_size = 256  # prompts per generation batch
   c.data.max_new_tokens = 4  # generated tokens per answer
@@ -98,8 +98,9 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
 
   LoRA and stage-A settings follow InternVL's own LoRA fine-tuning recipe
   (internvl_chat/shell/internvl2.0/2nd_finetune/*_lora.sh: rank 16, alpha = 2 r, lr 4e-5, weight decay
-  0.01, 3% warmup, cosine, total batch 16); stage B follows PHATGOOSE (100 steps, lr 5e-3, gates from
-  zero). Compute and base weights are bfloat16 (the checkpoint's dtype); experts and optimizer state
+  0.01, 3% warmup, cosine, total batch 16); stage B and inference routing follow PHATGOOSE (100 steps,
+  lr 5e-3, gates from zero; k=2, temperature 1: the tiny base's temperature 2 was chosen on its own
+  validation split and is not measured on InternVL2). Compute and base weights are bfloat16 (the checkpoint's dtype); experts and optimizer state
   are float32.
   """
   c = stream_config()
@@ -114,6 +115,7 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
   c.data.batch_size = 16  # total batch 16 in the recipe
   c.data.eval_batch_size = eval_batch_size  # prompts per generation batch
   c.data.max_tiles = 7  # 6 tiles + thumbnail, as InternVL's fine-tuning scripts (max_dynamic_patch 6)
+  c.router.temperature = 1.0  # PHATGOOSE
   if fsdp:
     c.mesh = (1, -1, 1)  # FSDP over every device: the bf16 base is sharded, not replicated
   return c

@@ -1,4 +1,4 @@
-"""Evaluation: greedy answers on a task's test split, scored by the task's metric from sufficient
+"""Evaluation: greedy answers on a task's evaluation split (test, or validation), scored by the task's metric from sufficient
 statistics summed over hosts (so the score is exact on any number of hosts); routing profiles."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from drex.parallel import Parallel
 
 @dataclasses.dataclass
 class EvalSet:
-  """The first `size` records of a task's test split (whole circular groups), golds on the host."""
+  """The first `size` records of a task's evaluation split (whole circular groups), golds on the host."""
 
   name: str
   metric: str

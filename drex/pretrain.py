@@ -1,13 +1,15 @@
-"""Pretrain the tiny base of the embedded default (once; the result ships in drex/assets/base_tiny).
+"""Pretrain the tiny base of the embedded default (the result ships in drex/assets/base_tiny).
 
   python -m drex.pretrain --config=configs/base_tiny.py --workdir=runs/base_tiny
+  python -m drex.pretrain --config=configs/base_tiny.py:continue --workdir=runs/base_tiny_continued
 
 Trains a BPE tokenizer on the task family's text, then the whole tiny InternVL-shaped model on the
 foundation suite (+ the auxiliary echo task, which teaches every answer word, and caption, which keeps
 colour, kind and layout in the vision features), evaluates the foundation suite,
 and writes WORKDIR/base (orbax params + config.json + tokenizer.json). `--config.export_to=DIR`
 also copies it to DIR. `--config.init_from=BASE_DIR` continues pretraining that base instead (its
-architecture, tokenizer and params; its provenance is kept under provenance.init_from).
+architecture, tokenizer and params; its provenance is kept under provenance.init_from; the
+foundation scores logged and recorded are on the test split, as the matrices of drex.train).
 
 Preemption-safe like drex.train: params, optimizer state, step and data position are saved in
 WORKDIR/state/pretrain every `checkpoint_every` steps, after each evaluation and on SIGTERM; re-running
@@ -63,15 +65,17 @@ def main(argv):
 
   par = parallel.Parallel.create()
   if cfg.init_from:  # continue pretraining a base: its architecture, tokenizer and params
+    cfg.init_from = os.path.abspath(cfg.init_from)  # recorded, and compared on resume, as an absolute path
     start = base_lib.load(cfg.init_from, par)
-    tokenizer, start_params = start.tokenizer, start.params
+    tokenizer, start_params, start_provenance = start.tokenizer, start.params, start.info.provenance
     info = store.BaseInfo(start.info.model, start.info.template, start.info.image)
+    del start
   else:
     tokenizer, start_params = base_lib.tiny_tokenizer(cfg.vocab_size), None
     info = store.BaseInfo(presets.tiny(tokenizer.vocab_size, tokenizer.token_id("<IMG_CONTEXT>")), "tiny",
                           pipeline.ImageSpec(tile_size=32, max_tiles=1))
-  model = base_lib.Base(info, tokenizer, None, "").model()
-  encoder = base_lib.Base(info, tokenizer, None, "").encoder()
+  skeleton = base_lib.Base(info, tokenizer, None, "")
+  model, encoder = skeleton.model(), skeleton.encoder()
 
   if cfg.data not in ("pretrain", "train"):
     raise UserError(f"unknown pretraining data {cfg.data!r}; use 'pretrain' or 'train'")
@@ -129,7 +133,7 @@ def main(argv):
                 "seconds": round(time.time() - begin, 1), "device": jax.devices()[0].device_kind,
                 "jax": jax.__version__, "foundation_scores": history[-1], "history": history}
   if cfg.init_from:
-    provenance["init_from"] = {"path": cfg.init_from, "provenance": start.info.provenance}
+    provenance["init_from"] = {"path": cfg.init_from, "provenance": start_provenance}
   info = store.BaseInfo(info.model, info.template, info.image, provenance)
   store.save_base(base_dir, state.params, info, tokenizer)
   checkpoint.remove()

@@ -25,8 +25,9 @@ def test_stream_configs_load_and_validate(path, mode):
 
 
 def test_base_config_modes():
-  for mode in ("", ":smoke", ":gpu"):
+  for mode in ("", ":smoke", ":gpu", ":continue"):
     assert load_config_file(os.path.join(ROOT, "configs", "base_tiny.py") + mode).steps > 0
+  assert load_config_file(os.path.join(ROOT, "configs", "base_tiny.py:continue")).init_from == "runs/base_tiny/base"
 
 
 def test_every_field_has_a_comment():

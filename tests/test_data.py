@@ -33,11 +33,13 @@ def test_tasks_are_deterministic_and_distinct():
       np.testing.assert_array_equal(a[0].image, b[0].image)
     test = [ex for _, ex in tasks.examples(task, "test", size=5)]
     validation = [ex for _, ex in tasks.examples(task, "validation", size=5)]
-    for other in (test, validation):
-      assert [(e.question, e.answer) for e in other] != [(e.question, e.answer) for e in a] or not task.has_image or \
-          any((t.image != e.image).any() for t, e in zip(other, a)), name
-    assert [(e.question, e.answer) for e in validation] != [(e.question, e.answer) for e in test] or \
-        not task.has_image or any((v.image != t.image).any() for v, t in zip(validation, test)), name
+    assert _differ(a, test) and _differ(a, validation) and _differ(validation, test), name
+
+
+def _differ(xs, ys) -> bool:
+  """Two draws of examples differ in a question, an answer or an image."""
+  return [(e.question, e.answer) for e in xs] != [(e.question, e.answer) for e in ys] or any(
+      x.image is not None and (x.image != y.image).any() for x, y in zip(xs, ys))
 
 
 def test_validation_split_is_drawn_like_the_test_split():

@@ -152,15 +152,18 @@ def test_killed_pretraining_resumes_to_the_same_base(tmp_path):
 
 def test_pretraining_continues_from_a_base(tmp_path):
   """--config.init_from starts from that base's params and tokenizer (at learning rate 0 they come out
-  unchanged, where a fresh init would not) and keeps its provenance."""
+  unchanged, where a fresh init would not; the tokenizer is the base's, not one of config.vocab_size) and
+  keeps its provenance."""
   from drex import base as base_lib
   shipped = base_lib.shipped_path()
   params, _ = _pretrained(tmp_path, f"--config.init_from={shipped}", "--config.learning_rate=0",
-                               "--config.steps=2", "--config.eval_size=8", "--config.eval_batch_size=8")
+                          "--config.vocab_size=300", "--config.steps=2", "--config.eval_size=8",
+                          "--config.eval_batch_size=8")
   for a, b in zip(jax_leaves(store.load_base_params(shipped, None)), jax_leaves(params)):
     np.testing.assert_array_equal(a, b)
   info, _ = store.load_base_info(os.path.join(tmp_path, "base"))
   shipped_info, _ = store.load_base_info(shipped)
   assert info.provenance["init_from"] == {"path": shipped, "provenance": shipped_info.provenance}
-  with open(os.path.join(tmp_path, "base", "tokenizer.json")) as ours, open(os.path.join(shipped, "tokenizer.json")) as theirs:
-    assert ours.read() == theirs.read()
+  with open(os.path.join(tmp_path, "base", "tokenizer.json")) as ours:
+    with open(os.path.join(shipped, "tokenizer.json")) as theirs:
+      assert ours.read() == theirs.read()

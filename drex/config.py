@@ -100,8 +100,8 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
   (internvl_chat/shell/internvl2.0/2nd_finetune/*_lora.sh: rank 16, alpha = 2 r, lr 4e-5, weight decay
   0.01, 3% warmup, cosine, total batch 16); stage B and inference routing follow PHATGOOSE (100 steps,
   lr 5e-3, gates from zero; k=2, temperature 1: the tiny base's temperature 2 was chosen on its own
-  validation split and is not measured on InternVL2). Compute and base weights are bfloat16 (the checkpoint's dtype); experts and optimizer state
-  are float32.
+  validation split and is not measured on InternVL2). Compute and base weights are bfloat16 (the
+  checkpoint's dtype); experts and optimizer state are float32.
   """
   c = stream_config()
   c.base.checkpoint = f"REQUIRED: pass --config.base.checkpoint=<directory of OpenGVLab/InternVL2-{size}>"  # no default

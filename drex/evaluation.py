@@ -1,5 +1,5 @@
-"""Evaluation: greedy answers on a task's evaluation split (test, or validation), scored by the task's metric from sufficient
-statistics summed over hosts (so the score is exact on any number of hosts); routing profiles."""
+"""Evaluation: greedy answers on a task's evaluation split (test, or validation), scored by the task's
+metric from sufficient statistics summed over hosts (so the score is exact on any number of hosts); routing profiles."""
 
 from __future__ import annotations
 

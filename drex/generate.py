@@ -70,7 +70,8 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   pad = -len(prompt) % _PROMPT_BUCKET
   ids = np.asarray([[encoder.pad_id] * pad + prompt], np.int32)
   mask = np.asarray([[0] * pad + [1] * len(prompt)], np.int32)
-  tokens = jitted_greedy_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id, encoder.pad_id)
+  tokens = jitted_greedy_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id,
+                                  encoder.pad_id)
   batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}
   profile = evaluation.routing_profile(model, variables, batch, Parallel.create((1, 1, 1), devices=jax.devices()[:1]))
   if routing.null_expert:  # the weight left to the base itself

@@ -122,7 +122,8 @@ class Stream:
       builder.prepare_all(names, data_dir)
     store.sync("datasets prepared")
     self.train_sources = {t: builder.data_source(t, "train", data_dir) for t in cfg.tasks}
-    self.eval_sets = {n: evaluation.make_eval_set(n, tasks.get(n).metric, builder.data_source(n, cfg.data.eval_split, data_dir),
+    self.eval_sets = {n: evaluation.make_eval_set(n, tasks.get(n).metric,
+                                                  builder.data_source(n, cfg.data.eval_split, data_dir),
                                                   cfg.data.eval_size)
                       for n in names}
     self.columns = names

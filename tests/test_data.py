@@ -1,7 +1,7 @@
 """The task family, TFDS builder, grain pipeline, tokenizer, templates, tiling and metrics."""
 
 import json
-import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -254,6 +254,6 @@ def test_circular_mc_needs_every_rotation():
 def test_tiny_tokenizer_rebuilds_the_shipped_one(tokenizer, tmp_path):
   """drex.pretrain trains this tokenizer: it must not drift as tasks are added to the family."""
   tokenizer.save(str(tmp_path))
-  rebuilt = json.load(open(tmp_path / "tokenizer.json"))["model"]
-  shipped = json.load(open(os.path.join(shipped_path(), "tokenizer.json")))["model"]
+  rebuilt = json.loads((tmp_path / "tokenizer.json").read_text())["model"]
+  shipped = json.loads(pathlib.Path(shipped_path(), "tokenizer.json").read_text())["model"]
   assert rebuilt["vocab"] == shipped["vocab"] and rebuilt["merges"] == shipped["merges"]

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from drex import base as base_lib
 from drex.checkpoints import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +155,6 @@ def test_pretraining_continues_from_a_base(tmp_path):
   """--config.init_from starts from that base's params and tokenizer (at learning rate 0 they come out
   unchanged, where a fresh init would not; the tokenizer is the base's, not one of config.vocab_size) and
   keeps its provenance."""
-  from drex import base as base_lib
   shipped = base_lib.shipped_path()
   params, _ = _pretrained(tmp_path, f"--config.init_from={shipped}", "--config.learning_rate=0",
                           "--config.vocab_size=300", "--config.steps=2", "--config.eval_size=8",

@@ -1,7 +1,7 @@
 """TFDS builder of the procedurally generated task family (array_record, no TensorFlow needed).
 
-One builder config per task (`drex_tasks/<task>`, splits 'train', 'validation' and 'test'), and one per task of
-tasks.PRETRAIN_MIX (foundation suite + echo) holding the base's pretraining data
+One builder config per task (`drex_tasks/<task>`, splits 'train', 'validation' and 'test'), and one per
+task of tasks.PRETRAIN_MIX (foundation suite + echo) holding the base's pretraining data
 (`drex_tasks/pretrain_<task>`, split 'train' only, PRETRAIN_SIZE examples). Records:
   image      PNG (32x32x3; a blank image for language-only tasks)
   has_image  whether the question is about the image

@@ -14,7 +14,14 @@ import numpy as np
 def summarize(matrix, num_tasks: int, sequential: bool = True) -> dict[str, float | None]:
   """average_accuracy, forgetting (Chaudhry: max earlier score minus final), backward_transfer
   (Lopez-Paz: final minus right-after), forward_transfer (right-before minus base),
-  average_incremental_accuracy, foundation_retention (final mean foundation minus base's)."""
+  average_incremental_accuracy, foundation_retention (final mean foundation minus base's); and the same
+  ideas under the names multimodal continual-instruction-tuning papers report (MCITlib, arXiv 2508.07307),
+  with A[t, i] the accuracy on task i after learning task t (1-based):
+    MFT = mean_i A[i, i]   (mean fine-tune accuracy: each task right after it is learned)
+    MFN = mean_i A[T, i]   (mean final accuracy; = average_accuracy)
+    MAA = mean_t mean_{i<=t} A[t, i]   (mean average accuracy over the stream; = average_incremental_accuracy)
+    BWT = mean_{i<T} A[T, i] - A[i, i]   (backward transfer; = backward_transfer)
+  A method without per-task rows (multi-task learning) gets MFN only."""
   r = np.asarray(matrix, np.float64)
   t = num_tasks
   last = r[-1]
@@ -29,4 +36,9 @@ def summarize(matrix, num_tasks: int, sequential: bool = True) -> dict[str, floa
     out["average_incremental_accuracy"] = float(np.mean([r[i, :i].mean() for i in range(1, t + 1)]))
   else:
     out.update(forgetting=None, backward_transfer=None, forward_transfer=None, average_incremental_accuracy=None)
+  per_task_rows = sequential and r.shape[0] == t + 1
+  out["MFT"] = float(np.mean([r[i + 1, i] for i in range(t)])) if per_task_rows else None
+  out["MFN"] = out["average_accuracy"]
+  out["MAA"] = float(np.mean([r[i, :i].mean() for i in range(1, t + 1)])) if per_task_rows else None
+  out["BWT"] = out["backward_transfer"]
   return out

@@ -14,7 +14,7 @@ import ml_collections
 
 from drex import parallel
 from drex.adapters import lora, routing
-from drex.data import tasks
+from drex.data import fixtures, sources, tasks
 from drex.errors import UserError
 
 METHODS = ("routing", "sequential", "mtl")
@@ -32,6 +32,7 @@ def stream_config() -> ml_collections.ConfigDict:
   c.seed = 0  # PRNG seed: expert init and data order
   c.tasks = MAIN_STREAM  # the specialized tasks, learned in this order
   c.foundation = tuple(tasks.FOUNDATION)  # suite that measures what the base keeps
+  c.sources = ml_collections.ConfigDict()  # name -> source spec (drex.data.sources); names without one are embedded
   c.methods = METHODS  # 'routing' (the method, + oracle), 'sequential' (one LoRA, task after task), 'mtl'
 
   c.base = ml_collections.ConfigDict()
@@ -41,12 +42,14 @@ def stream_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # TFDS data directory ('' = ~/.cache/drex/tfds)
   c.data.batch_size = 32  # training examples per step (global, all hosts)
-  c.data.eval_size = 256  # evaluation examples per task (circular MC: rotations)
+  c.data.eval_size = 256  # evaluation examples per task, the split's first ones (circular MC: rotations; 0 = all)
   c.data.eval_split = "test"  # split the accuracies are measured on ('validation' when choosing settings)
   c.data.eval_batch_size = 256  # prompts per generation batch
   c.data.max_new_tokens = 4  # generated tokens per answer
   c.data.seq_len = 0  # token length of training sequences (0 = longest example of the stream)
   c.data.max_tiles = 0  # image tiles per example incl. thumbnail (0 = what the base checkpoint says)
+  c.data.workers = 0  # grain worker processes decoding and tiling training images (0 = in the main process)
+  c.data.fixtures = ""  # smoke runs: write drex's own small copies of every real-data layout here first
 
   c.lora = ml_collections.ConfigDict()
   c.lora.r = 8  # LoRA rank
@@ -121,6 +124,58 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
   return c
 
 
+def internvl2_cl_stream(size: str, eval_batch_size: int, fsdp: bool, mode: str | None) -> ml_collections.ConfigDict:
+  """The paper's setting on a real InternVL2 checkpoint and real data from local copies: the foundation suite
+  ChartQA, DocVQA, MMBench (InternVL-2's eval prompts, tiles and answer lengths, official metrics) and a
+  CoIN-like stream of ScienceQA, TextVQA and one of the user's own tasks (InternVL meta JSON / JSONL).
+
+  Mode 'smoke' runs the same code on the shipped tiny base and drex's own fixture files in every layout
+  (drex.data.fixtures: the five benchmarks, an InternVL JSONL task and a LLaVA JSON task), in minutes on a CPU.
+  """
+  c = internvl2_stream(size, eval_batch_size, fsdp)
+  c.foundation = ("chartqa", "docvqa", "mmbench")  # the paper's foundation skills
+  c.tasks = ("scienceqa", "textvqa", "user_task")  # learned in this order
+  c.sources = ml_collections.ConfigDict({  # where each name's data is (drex.data.sources specs)
+      "chartqa": sources.make_spec("chartqa", path="REQUIRED: the ChartQA folder holding train/ val/ test/"),
+      "docvqa": sources.make_spec("docvqa", path="REQUIRED: the DocVQA folder holding train/ val/ (*_v1.0.json)"),
+      "mmbench": sources.make_spec("mmbench", path="REQUIRED: a folder with mmbench_dev_en_20231003.tsv"),
+      "scienceqa": sources.make_spec("scienceqa", path="REQUIRED: ScienceQA data/scienceqa (problems.json, "
+                                                       "pid_splits.json, images/)"),
+      "textvqa": sources.make_spec("textvqa", path="REQUIRED: the folder with TextVQA_0.5.1_*.json and "
+                                                   "train_images/"),
+      "user_task": sources.make_spec("internvl", train="REQUIRED: your InternVL meta JSON (or one JSONL)",
+                                     test="REQUIRED: its evaluation JSONL"),
+  })
+  c.data.eval_size = 0  # whole published evaluation splits (--config.data.eval_size=500 for a quick estimate)
+  c.data.workers = 8  # grain processes decoding and tiling 448-px images (a 2B step wants ~50 examples/s)
+  if mode == "smoke":
+    specs = fixtures.specs(fixtures.DEFAULT_ROOT)
+    c.base.checkpoint = ""  # the shipped tiny base
+    c.base.store = True  # a copy in WORKDIR/base, as the embedded default
+    c.data.fixtures = fixtures.DEFAULT_ROOT  # written there first (once)
+    c.tasks = ("scienceqa", "textvqa", "user_jsonl", "user_llava")  # every format learned once
+    c.sources = ml_collections.ConfigDict({name: specs[name] for name in c.tasks + c.foundation})  # fixtures
+    for spec in c.sources.values():
+      spec.max_new_tokens = 6  # short answers: the tiny base's generations are not worth 100 tokens
+      spec.max_tiles = 4  # one tiling for all (one compiled program per model), and room for two images
+    c.data.max_tiles = 4  # as the sources above
+    c.data.workers = 0  # in-process decoding: worker start-up would dominate a smoke run
+    c.lora.kernel = "xla"  # CPU
+    c.stage_a.learning_rate = 1e-3  # the tiny base's rate (the InternVL recipe's 4e-5 moves nothing in 12 steps)
+    c.stage_a.steps, c.stage_a.warmup_steps = 12, 2  # seconds, not minutes
+    c.stage_b.steps, c.stage_b.warmup_steps = 6, 1  # likewise
+    c.data.batch_size = 8  # small batches
+    c.data.eval_size = 8  # the first 8 records of each evaluation split
+    c.data.eval_batch_size = 8  # one generation batch per column
+    c.router.null_sample = 8  # routing statistics from one batch
+    c.analysis.routing_batch = 8  # one batch per routing plot
+    c.checkpoint_every = 5  # resume points inside each short stage
+    c.mesh = (-1, 1, 1)  # data parallel over whatever devices there are
+  elif mode not in (None, "", "full"):
+    raise UserError(f"unknown config mode {mode!r}; use 'full' or 'smoke'")
+  return c
+
+
 def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A CPU smoke run of the same stream: one short task, small evaluations."""
   c.tasks = c.tasks[:1]
@@ -146,8 +201,12 @@ def apply_mode(c: ml_collections.ConfigDict, mode: str | None) -> ml_collections
 def validate(c: ml_collections.ConfigDict) -> None:
   """Check values the config schema cannot (names, ranges); raise a one-line UserError."""
   for name in list(c.tasks) + list(c.foundation):
-    if name not in tasks.TASKS:
-      raise UserError(f"unknown task {name!r} in config; known tasks: {', '.join(tasks.TASKS)}")
+    if sources.spec_of(name, c.get("sources"))["kind"] == "embedded" and name not in tasks.TASKS:
+      raise UserError(f"unknown task {name!r} in config: not an embedded task ({', '.join(tasks.TASKS)}) and no "
+                      f"config.sources.{name} entry gives its source")
+  unused = sorted(set(c.get("sources") or {}) - set(c.tasks) - set(c.foundation))
+  if unused:
+    raise UserError(f"config.sources has entries {unused} that are neither tasks nor foundation members")
   if not c.tasks:
     raise UserError("config.tasks is empty; name at least one task")
   if len(set(c.tasks)) != len(c.tasks):
@@ -168,6 +227,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      ("stage_b.steps", c.stage_b.steps), ("data.batch_size", c.data.batch_size)]:
     if value < 1:
       raise UserError(f"config.{key} must be >= 1, got {value}")
+  for key in ("eval_size", "workers", "seq_len", "max_tiles"):
+    if c.data[key] < 0:
+      raise UserError(f"config.data.{key} must be >= 0, got {c.data[key]}")
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any
+from collections.abc import Sequence
 
 import flax
 import jax
@@ -23,13 +23,21 @@ from drex.parallel import Parallel
 
 @dataclasses.dataclass
 class EvalSet:
-  """The first `size` records of a task's evaluation split (whole circular groups), golds on the host."""
+  """The first `size` readable records of a task's evaluation split (whole circular groups), golds on the
+  host, and how the task is asked: its encoder (tiles per image), prompt length and answer length."""
 
   name: str
   metric: str
-  source: Any
-  golds: list[str]
+  source: Sequence[dict]  # drex.data.record records
+  golds: list[list[str]]
+  options: list[list[str]]
   groups: list[int]
+  subsets: list[int]  # index into subset_names
+  subset_names: tuple[str, ...] = ()
+  encoder: pipeline.Encoder | None = None
+  prompt_len: int = 0
+  max_new_tokens: int = 0
+  left_out: int = 0  # records of the first `size` whose images cannot be read (not scored)
 
   @property
   def size(self) -> int:
@@ -39,58 +47,96 @@ class EvalSet:
   def num_groups(self) -> int:
     return max(self.groups) + 1 if self.groups else 0
 
+  @property
+  def num_subsets(self) -> int:
+    return max(len(self.subset_names), 1)
 
-def make_eval_set(name: str, metric: str, source, limit: int | None = None) -> EvalSet:
-  n = len(source) if limit is None else min(limit, len(source))
+
+class Subset(Sequence):
+  """The records of `items` at `index`, in that order."""
+
+  def __init__(self, items: Sequence, index: Sequence[int]):
+    self.items, self.index = items, list(index)
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __iter__(self):  # by index: the underlying sources raise ValueError, not IndexError, past the end
+    return (self[i] for i in range(len(self)))
+
+  def __getitem__(self, i):
+    return self.items[self.index[i]]
+
+
+def make_eval_set(name: str, metric: str, source: Sequence[dict], limit: int | None = None,
+                  subset_names: Sequence[str] = (), unreadable: Sequence[int] = ()) -> EvalSet:
+  """The first `limit` records of `source` (all if None), never cutting a circular question, without the
+  records listed in `unreadable` (their images cannot be read; counted in `left_out`)."""
+  n = len(source) if not limit else min(limit, len(source))
   records = [source[i] for i in range(min(n + 8, len(source)))]
   groups = [int(r["group"]) for r in records]
   while 0 < n < len(groups) and groups[n] == groups[n - 1]:  # never cut a circular question
     n -= 1
-  golds = [pipeline._text(r["answer"]) for r in records[:n]]  # pylint: disable=protected-access
+  bad = set(unreadable)
+  keep = [i for i in range(n) if i not in bad]
   first = groups[0] if groups else 0
-  return EvalSet(name, metric, source, golds, [g - first for g in groups[:n]])
+  names = tuple(subset_names)
+  unknown = sorted({records[i]["subset"] for i in keep} - set(names)) if names else []
+  if unknown:
+    raise ValueError(f"{name}: records of subsets {unknown} outside the declared {names}")
+  return EvalSet(name, metric, Subset(source, keep), [list(records[i]["golds"]) for i in keep],
+                 [list(records[i]["options"]) for i in keep], [groups[i] - first for i in keep],
+                 [names.index(records[i]["subset"]) if names else 0 for i in keep], names, left_out=n - len(keep))
 
 
 class Evaluator:
   """Generates answers with a jitted greedy decoder (one compile per model structure and shape)."""
 
-  def __init__(self, encoder: pipeline.Encoder, prompt_len: int, batch_size: int, max_new_tokens: int,
-               parallel: Parallel):
-    self.encoder = encoder
-    self.prompt_len = prompt_len
+  def __init__(self, batch_size: int, parallel: Parallel):
     self.batch_size = batch_size
-    self.max_new_tokens = max_new_tokens
     self.parallel = parallel
 
   def predictions(self, model: VLM, variables: dict, eval_set: EvalSet) -> tuple[list[int], list[str]]:
     """(record indices, answers) of this process's rows."""
     indices, answers = [], []
     spec = jax.sharding.PartitionSpec(self.parallel.batch_sharding().spec[0])
-    for batch in pipeline.eval_batches(eval_set.source, self.encoder, self.prompt_len, self.batch_size,
+    encoder = eval_set.encoder
+    for batch in pipeline.eval_batches(eval_set.source, encoder, eval_set.prompt_len, self.batch_size,
                                        eval_set.size, jax.process_index(), jax.process_count()):
       inputs = self.parallel.global_batch({k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")})
       with self.parallel.context():
         tokens = jitted_greedy_generate(model, variables, inputs["pixel_values"], inputs["input_ids"],
-                                        inputs["attention_mask"], self.max_new_tokens, self.encoder.eos_id,
-                                        self.encoder.pad_id)
+                                        inputs["attention_mask"], eval_set.max_new_tokens, encoder.eos_id,
+                                        encoder.pad_id)
       local = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.parallel.mesh, spec))
       for row, ok, index in zip(local, batch["valid"], batch["index"]):
         if ok:
           indices.append(int(index))
-          answers.append(self.encoder.decode_answer(row))
+          answers.append(encoder.decode_answer(row))
     return indices, answers
 
   def stats(self, model: VLM, variables: dict, eval_set: EvalSet) -> np.ndarray:
     """Sufficient statistics over this process's rows, summed over all processes."""
     indices, answers = self.predictions(model, variables, eval_set)
     s = metrics.sufficient_stats(eval_set.metric, answers, [eval_set.golds[i] for i in indices],
-                                 [eval_set.groups[i] for i in indices], eval_set.num_groups)
+                                 [eval_set.groups[i] for i in indices], eval_set.num_groups,
+                                 options=[eval_set.options[i] for i in indices],
+                                 subsets=[eval_set.subsets[i] for i in indices], num_subsets=eval_set.num_subsets)
     if jax.process_count() > 1:
       s = np.asarray(multihost_utils.process_allgather(s)).sum(0)
     return s
 
   def score(self, model: VLM, variables: dict, eval_set: EvalSet) -> float:
-    return metrics.score_from_stats(eval_set.metric, self.stats(model, variables, eval_set))
+    return metrics.score_from_stats(eval_set.metric, self.stats(model, variables, eval_set), eval_set.num_subsets)
+
+  def scores(self, model: VLM, variables: dict, eval_set: EvalSet) -> tuple[float, dict[str, float | None]]:
+    """The score and, for an eval set with subsets, each subset's score."""
+    s = self.stats(model, variables, eval_set)
+    subsets = {}
+    if eval_set.subset_names:
+      subsets = dict(zip(eval_set.subset_names,
+                         metrics.subset_scores_from_stats(eval_set.metric, s, eval_set.num_subsets)))
+    return metrics.score_from_stats(eval_set.metric, s, eval_set.num_subsets), subsets
 
 
 _LAYER = re.compile(r"layers_(\d+)")

@@ -21,7 +21,7 @@ from drex import config as config_lib
 from drex import evaluation
 from drex.adapters import lora
 from drex.checkpoints import store
-from drex.data import images
+from drex.data import images, record
 from drex.errors import UserError
 from drex.models.generation import jitted_greedy_generate
 from drex.parallel import Parallel
@@ -65,8 +65,9 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   routing = config_lib.inference_routing(cfg, len(names))
   model = base.model(lora.AdapterSpec(routing, cfg.lora.lora_alpha, cfg.lora.rslora, cfg.lora.kernel))
   encoder = base.encoder()
-  pixels, tiles = encoder.pixels(image)
-  prompt = encoder.prompt_ids(question, tiles)
+  question_record = record.make([(question, "")], [] if image is None else [image])
+  pixels, tiles = encoder.pixels(question_record["images"])
+  prompt = encoder.prompt_ids(question_record, tiles)
   pad = -len(prompt) % _PROMPT_BUCKET
   ids = np.asarray([[encoder.pad_id] * pad + prompt], np.int32)
   mask = np.asarray([[0] * pad + [1] * len(prompt)], np.int32)

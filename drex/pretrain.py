@@ -38,7 +38,7 @@ from drex import evaluation
 from drex import parallel
 from drex.checkpoints import store
 from drex.checkpoints.stage import StageCheckpoint
-from drex.data import builder, pipeline, tasks
+from drex.data import builder, pipeline, sources as sources_lib, tasks
 from drex.errors import UserError
 from drex.models import presets
 from drex.training import trainer
@@ -82,13 +82,16 @@ def main(argv):
   prefix = builder.PRETRAIN_PREFIX if cfg.data == "pretrain" else ""
   builder.prepare_all([prefix + name for name in tasks.PRETRAIN_MIX] + list(tasks.FOUNDATION), data_dir,
                       processes=os.cpu_count() or 1)
-  sources = [builder.data_source(prefix + name, "train", data_dir) for name in tasks.PRETRAIN_MIX]
-  eval_sets = [evaluation.make_eval_set(name, tasks.get(name).metric, builder.data_source(name, "test", data_dir),
-                                        limit=cfg.eval_size)
+  embedded = lambda name, split: sources_lib.Mapped(builder.data_source(name, split, data_dir),
+                                                    sources_lib.embedded_record)
+  train_sources = [embedded(prefix + name, "train") for name in tasks.PRETRAIN_MIX]
+  eval_sets = [evaluation.make_eval_set(name, tasks.get(name).metric, embedded(name, "test"), limit=cfg.eval_size)
                for name in tasks.FOUNDATION]
-  train_lengths = [encoder.lengths(_Head(src, 2000)) for src in sources]  # + slack: a sample, not the whole set
-  prompt_len = _round_up(max(encoder.lengths(s.source)[0] for s in eval_sets), 8)
-  seq_len = _round_up(max(t for _, t in train_lengths) + 2, 8)
+  train_len = max(encoder.scan(_Head(src, 2000)).total_max for src in train_sources)  # a sample, + slack
+  prompt_len = _round_up(max(encoder.scan(s.source).prompt_max for s in eval_sets), 8)
+  for eval_set in eval_sets:
+    eval_set.encoder, eval_set.prompt_len, eval_set.max_new_tokens = encoder, prompt_len, cfg.max_new_tokens
+  seq_len = _round_up(train_len + 2, 8)
   log.info("model %s; tokenizer %d tokens; seq_len %d", info.model.llm, tokenizer.vocab_size, seq_len)
 
   optim = trainer.OptimConfig(cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay)
@@ -99,10 +102,11 @@ def main(argv):
   params = start_params if start_params is not None else jax.jit(
       lambda: base_lib.init_params(model, info.image, jax.random.key(cfg.seed)), out_shardings=params_sh)()
   state = trainer.create_state(params, optimizer, shardings)
-  batches = pipeline.train_batches(sources, encoder, seq_len, cfg.batch_size, cfg.seed, weights=[1.0] * len(sources),
+  batches = pipeline.train_batches(train_sources, encoder, seq_len, cfg.batch_size, cfg.seed,
+                                   weights=[1.0] * len(train_sources),
                                    process_index=jax.process_index(), process_count=jax.process_count(),
                                    workers=cfg.data_workers)
-  evaluator = evaluation.Evaluator(encoder, prompt_len, cfg.eval_batch_size, cfg.max_new_tokens, par)
+  evaluator = evaluation.Evaluator(cfg.eval_batch_size, par)
   step = trainer.compile_step(model, "params", optimizer, shardings, {}, par)
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   checkpoint = StageCheckpoint(os.path.join(workdir, "state", "pretrain"), cfg.checkpoint_every)

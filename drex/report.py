@@ -13,6 +13,7 @@ import numpy as np
 
 SUMMARY_KEYS = ("average_accuracy", "foundation", "foundation_retention", "forgetting", "backward_transfer",
                 "forward_transfer", "average_incremental_accuracy")
+FIELD_KEYS = ("MFT", "MFN", "MAA", "BWT")  # the names multimodal continual-instruction-tuning papers use
 
 
 def _fmt(v) -> str:
@@ -26,6 +27,10 @@ def markdown(results: dict) -> str:
             "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
   for name, m in results["methods"].items():
     lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in SUMMARY_KEYS) + " |")
+  lines += ["", "As MCITlib reports them (MFT: right after learning, MFN: final, MAA: mean over the stream, BWT):", "",
+            "| method | " + " | ".join(FIELD_KEYS) + " |", "|---" * (len(FIELD_KEYS) + 1) + "|"]
+  for name, m in results["methods"].items():
+    lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in FIELD_KEYS) + " |")
   if results.get("oracle"):
     lines += ["", "## Oracle (each task's own expert alone)", "", "| task | score | routing after last task | ratio |",
               "|---|---|---|---|"]

@@ -33,12 +33,12 @@ import tensorflow_datasets as tfds
 from tensorboardX import SummaryWriter
 
 from drex import base as base_lib
-from drex import cl_metrics, config as config_lib, evaluation, report
+from drex import cl_metrics, config as config_lib, evaluation, report, task_data
 from drex.adapters import lora, prototypes
 from drex.adapters.routing import Routing
 from drex.checkpoints import store
 from drex.checkpoints.stage import StageCheckpoint
-from drex.data import builder, pipeline, tasks
+from drex.data import pipeline, sources as sources_lib
 from drex.errors import UserError
 from drex.parallel import Parallel
 from drex.training import trainer
@@ -46,14 +46,18 @@ from drex.training import trainer
 log = logging.getLogger(__name__)
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def fingerprint(*parts: Any) -> str:
   """Stable hash of the config parts an artifact was trained with."""
   text = json.dumps(parts, sort_keys=True, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o))
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Row(list):
+  """An accuracy-matrix row; `subsets` holds, for columns scored in parts, each part's score."""
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.subsets: dict[str, dict[str, float | None]] = {}
 
 
 class Stream:
@@ -78,9 +82,10 @@ class Stream:
       self.base_boxed = base_lib.boxed_shapes(self.base.model(), self.base.info.image)
       self.base_shardings = self.parallel.tree_shardings(self.base_boxed)
     with self._timed("data"):
-      self._prepare_data()
-    self.evaluator = evaluation.Evaluator(self.encoder, self.prompt_len, cfg.data.eval_batch_size,
-                                          cfg.data.max_new_tokens, self.parallel)
+      self.data = task_data.prepare(cfg, self.base)
+      self._check_batch_sizes()
+    self.columns = self.data.columns
+    self.evaluator = evaluation.Evaluator(cfg.data.eval_batch_size, self.parallel)
 
   # ------------------------------------------------------------------ set-up
 
@@ -113,30 +118,13 @@ class Stream:
     log.info("base %s: %.2fM params, template %s", source, lora.count_params(base.params) / 1e6, base.info.template)
     return base
 
-  def _prepare_data(self) -> None:
+  def _check_batch_sizes(self) -> None:
     cfg = self.cfg
-    data_dir = cfg.data.data_dir or builder.DEFAULT_DATA_DIR
-    self.encoder = self.base.encoder(cfg.data.max_tiles)
-    names = list(cfg.tasks) + [f for f in cfg.foundation if f not in cfg.tasks]
-    if jax.process_index() == 0:  # build the datasets once, then every process reads them
-      builder.prepare_all(names, data_dir)
-    store.sync("datasets prepared")
-    self.train_sources = {t: builder.data_source(t, "train", data_dir) for t in cfg.tasks}
-    self.eval_sets = {n: evaluation.make_eval_set(n, tasks.get(n).metric,
-                                                  builder.data_source(n, cfg.data.eval_split, data_dir),
-                                                  cfg.data.eval_size)
-                      for n in names}
-    self.columns = names
     batch_devices = self.parallel.shape["data"] * self.parallel.shape["fsdp"]
     for key in ("batch_size", "eval_batch_size"):
       if cfg.data[key] % batch_devices or cfg.data[key] % jax.process_count():
         raise UserError(f"data.{key}={cfg.data[key]} must be divisible by the {batch_devices} devices of the mesh's "
                         f"data x fsdp axes and by the {jax.process_count()} processes")
-    train_len = max(self.encoder.lengths(s)[1] for s in self.train_sources.values())
-    self.seq_len = cfg.data.seq_len or _round_up(train_len, 8)
-    self.prompt_len = _round_up(max(self.encoder.lengths(e.source)[0] for e in self.eval_sets.values()), 8)
-    log.info("data: tasks %s, foundation %s; seq_len %d, prompt_len %d", list(cfg.tasks), list(cfg.foundation),
-             self.seq_len, self.prompt_len)
 
   # ------------------------------------------------------------------ models and training
 
@@ -145,10 +133,7 @@ class Stream:
     return lora.AdapterSpec(routing, c.lora_alpha, c.rslora, c.kernel)
 
   def _batches(self, names: list[str], seed: int):
-    sources = [self.train_sources[n] for n in names]
-    return pipeline.train_batches(sources, self.encoder, self.seq_len, self.cfg.data.batch_size, seed,
-                                  weights=[1.0] * len(sources) if len(sources) > 1 else None,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+    return self.data.batches(names, self.cfg.data.batch_size, seed, self.cfg.data.workers)
 
   def _shardings(self, variables: dict) -> dict:
     """Shardings of a {'params', 'experts', 'router'} dict (adapters follow the base linear they adapt)."""
@@ -232,14 +217,25 @@ class Stream:
 
   def _train_fp(self, *parts) -> str:
     c = self.cfg
-    return fingerprint(c.seed, c.lora, c.stage_a, c.data.batch_size, self.seq_len, *parts)
+    return fingerprint(c.seed, c.lora, c.stage_a, c.data.batch_size, self.data.seq_len, *parts)
+
+  def _data_fp(self, names) -> list:
+    """The training data's identity for fingerprints: real sources' specs (nothing for embedded tasks)."""
+    parts = [sources_lib.fingerprint_part(self.data.sources[n]) for n in names]
+    return [p for p in parts if p is not None]
 
   # ------------------------------------------------------------------ evaluation
 
-  def evaluate_row(self, routing: Routing | None, variables: dict, columns: list[str] | None = None) -> list[float]:
+  def evaluate_row(self, routing: Routing | None, variables: dict, columns: list[str] | None = None) -> "Row":
     model = self.base.model(self.adapter_spec(routing or Routing("single", 0)))
     placed = self._variables({"params": None, **variables})
-    return [self.evaluator.score(model, placed, self.eval_sets[name]) for name in columns or self.columns]
+    row = Row()
+    for name in columns or self.columns:
+      score, subsets = self.evaluator.scores(model, placed, self.data.eval_sets[name])
+      row.append(score)
+      if subsets:
+        row.subsets[name] = subsets
+    return row
 
   def _log_row(self, method: str, index: int, row: list[float]) -> None:
     label = "before any task" if index == 0 else f"after {self.cfg.tasks[index - 1]}"
@@ -248,21 +244,20 @@ class Stream:
       for c, v in zip(self.columns, row):
         self.writer.add_scalar(f"{method}/{c}", v, index)
 
-  def _sample_batches(self, source):
+  def _sample_batches(self, records, encoder: pipeline.Encoder, prompt_len: int):
     """Unlabeled prompts of a source for routing statistics (router.null_sample of them)."""
     batch = self.cfg.data.eval_batch_size
     size = max(batch, self.cfg.router.null_sample // batch * batch)
-    return pipeline.eval_batches(source, self.encoder, self.prompt_len, batch, size, jax.process_index(),
-                                 jax.process_count())
+    return pipeline.eval_batches(records, encoder, prompt_len, batch, size, jax.process_index(), jax.process_count())
 
-  def _moments(self, source, vectors: dict | None = None) -> dict:
+  def _moments(self, batches, vectors: dict | None = None) -> dict:
     variables = self._variables({"params": None, "experts": self._new_expert(0)})  # B = 0: the base's inputs
-    return prototypes.input_moments(self.base.model(), variables, self._sample_batches(source), self.parallel,
-                                    vectors)
+    return prototypes.input_moments(self.base.model(), variables, batches, self.parallel, vectors)
 
   def expert_stats(self, router: Any, task: str) -> Any:
     """v_stats [1, 2] per adapted linear: the score statistics of a task's routing vector on its data."""
-    moments = self._moments(self.train_sources[task], prototypes.by_path(router, "v"))
+    batches = self._sample_batches(self.data.train[task], self.data.encoders[task], self.data.train_prompt_len[task])
+    moments = self._moments(batches, prototypes.by_path(router, "v"))
     return prototypes.as_tree(prototypes.stats_array(moments), "v_stats")
 
   def null_prototypes(self) -> Any:
@@ -275,17 +270,26 @@ class Stream:
     expected = _rename_leaves(_rename_leaves(shapes, "v", "null_v"), "v_stats", "null_stats")
     if os.path.isdir(directory):
       return store.load_tree(directory, expected, "null-expert prototypes")
-    data_dir = self.cfg.data.data_dir or builder.DEFAULT_DATA_DIR
-    sources = [builder.data_source(f, "train", data_dir) for f in self.cfg.foundation]
-    means = [{key: m["mean"] for key, m in self._moments(src).items()} for src in sources]
+    samples = [self._foundation_sample(f) for f in self.cfg.foundation]
+    means = [{key: m["mean"] for key, m in self._moments(self._sample_batches(*s)).items()} for s in samples]
     protos = {key: np.stack([m[key] for m in means]) for key in means[0]}
-    stats = [prototypes.stats_array(self._moments(src, {key: p[i:i + 1] for key, p in protos.items()}))
-             for i, src in enumerate(sources)]
+    stats = [prototypes.stats_array(self._moments(self._sample_batches(*s), {key: p[i:i + 1] for key, p in protos.items()}))
+             for i, s in enumerate(samples)]
     tree = lora.merge_trees(prototypes.as_tree(protos, "null_v"),
                             prototypes.as_tree({key: np.concatenate([s[key] for s in stats]) for key in protos},
                                                "null_stats"))
     store.save_tree(directory, tree)
     return tree
+
+  def _foundation_sample(self, name: str) -> tuple:
+    """(records, encoder, prompt length) of a foundation member's unlabeled prompts: its train split, or its
+    validation split when it has none (MMBench)."""
+    source, encoder = self.data.sources[name], self.data.encoders[name]
+    try:
+      records = source.records("train")
+    except UserError:
+      records = source.records("validation")
+    return records, encoder, self.data.eval_sets[name].prompt_len
 
   # ------------------------------------------------------------------ methods
 
@@ -306,7 +310,7 @@ class Stream:
           rt = lora.merge_trees(rt, self.expert_stats(rt, task))
         return ex, rt, self._lora_meta(task=task, index=i, stage_a=sa, stage_b=sb)
 
-      ex, rt = self._load_or_train(directory, self._train_fp(task, i, cfg.stage_b), train, with_router=True)
+      ex, rt = self._load_or_train(directory, self._train_fp(task, i, cfg.stage_b, *self._data_fp([task])), train, with_router=True)
       experts.append(ex)
       routers.append(rt)
       with self._timed("routing/eval"):
@@ -338,10 +342,11 @@ class Stream:
         return ex, None, self._lora_meta(task=task, index=i, stage_a=sa)
 
       if i == 0 and os.path.isdir(reuse):  # identical to the routing method's first expert (same init/data/steps)
-        current, _ = self._load_or_train(reuse, self._train_fp(task, 0, cfg.stage_b), None, with_router=True)
+        fp = self._train_fp(task, 0, cfg.stage_b, *self._data_fp([task]))
+        current, _ = self._load_or_train(reuse, fp, None, with_router=True)
       else:
-        current, _ = self._load_or_train(directory, self._train_fp("sequential", list(cfg.tasks[:i + 1])), train,
-                                         with_router=False)
+        fp = self._train_fp("sequential", list(cfg.tasks[:i + 1]), *self._data_fp(cfg.tasks[:i + 1]))
+        current, _ = self._load_or_train(directory, fp, train, with_router=False)
       with self._timed("sequential/eval"):
         rows.append(self.evaluate_row(Routing("single", 0), {"experts": current}))
       self._log_row("sequential", i + 1, rows[-1])
@@ -357,7 +362,7 @@ class Stream:
         ex, sa = self._train_expert("[mtl] all tasks", "mtl", self._new_expert(0), list(cfg.tasks), cfg.seed, steps)
       return ex, None, self._lora_meta(tasks=list(cfg.tasks), stage_a=sa)
 
-    ex, _ = self._load_or_train(directory, self._train_fp("mtl", list(cfg.tasks), steps), train, with_router=False)
+    ex, _ = self._load_or_train(directory, self._train_fp("mtl", list(cfg.tasks), steps, *self._data_fp(cfg.tasks)), train, with_router=False)
     with self._timed("mtl/eval"):
       row = self.evaluate_row(Routing("single", 0), {"experts": ex})
     self._log_row("mtl", len(cfg.tasks), row)
@@ -365,16 +370,19 @@ class Stream:
 
   def _method_entry(self, matrix: list[list[float]], rows: list[str] | None = None, sequential: bool = True) -> dict:
     labels = rows or ["base"] + [f"after {t}" for t in self.cfg.tasks]
-    entry = {"columns": list(self.columns), "rows": labels, "matrix": matrix}
+    entry = {"columns": list(self.columns), "rows": labels, "matrix": [list(row) for row in matrix]}
     entry.update(cl_metrics.summarize(matrix, len(self.cfg.tasks), sequential))
+    final_subsets = getattr(matrix[-1], "subsets", None)
+    if final_subsets:  # e.g. ChartQA's human and augmented parts, reported separately (their mean is the score)
+      entry["final_subset_scores"] = final_subsets
     return entry
 
   def _routing_profiles(self, routing: Routing, variables: dict) -> dict:
     model = self.base.model(self.adapter_spec(routing))
     profiles = {}
     for name in self.columns:
-      eval_set = self.eval_sets[name]
-      batch = next(pipeline.eval_batches(eval_set.source, self.encoder, self.prompt_len,
+      eval_set = self.data.eval_sets[name]
+      batch = next(pipeline.eval_batches(eval_set.source, eval_set.encoder, eval_set.prompt_len,
                                          self.cfg.analysis.routing_batch, self.cfg.analysis.routing_batch,
                                          jax.process_index(), jax.process_count()))
       p = evaluation.routing_profile(model, self._variables({"params": None, **variables}), batch, self.parallel)
@@ -397,6 +405,8 @@ class Stream:
     self._log_row("base", 0, base_row)
     for method in cfg.methods:
       getattr(self, f"run_{method}")(results, base_row)
+    if self.data.left_out:  # records whose images could not be read (or that exceed data.seq_len): not used
+      results["left_out"] = dict(self.data.left_out)
     self.timings["total"] = time.time() - begin + self.timings.get("load_base", 0) + self.timings.get("data", 0)
     results["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
     if jax.process_index() == 0:

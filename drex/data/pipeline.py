@@ -1,11 +1,12 @@
-"""grain pipelines: records -> tiles + chat-formatted token ids -> fixed-shape batches.
+"""grain pipelines: records (drex.data.record) -> tiles + chat-formatted token ids -> fixed-shape batches.
 
 Train batch (left-padded to seq_len):
   pixel_values [B, tiles, S, S, 3] float32, input_ids [B, L] int32, attention_mask [B, L] int32,
-  loss_mask [B, L] int32 (1 on answer + separator tokens)
+  loss_mask [B, L] int32 (1 on every assistant answer + separator token), skipped [B] int32 (records
+  passed over to make the row because their images could not be decoded; counted, never trained on)
 Eval batch (prompt only, left-padded to prompt_len): pixel_values, input_ids, attention_mask,
-  plus `valid` [B] (0 for padding rows of the last batch) and `index` [B] (record index). Golds
-  and group ids stay on the host.
+  plus `valid` [B] (0 for padding rows of the last batch and for records whose image cannot be
+  decoded) and `index` [B] (record index). Golds and group ids stay on the host.
 
 Batches are global (identical for any number of hosts); each process builds only its own rows.
 """
@@ -14,27 +15,51 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
 from drex.data import images as images_lib
 from drex.data import prompts
+from drex.data import record as record_lib
 from drex.data import tokenizer as tok_lib
+
+log = logging.getLogger(__name__)
+
+# A row whose record cannot be decoded is made from the next record instead; this many in a row is a
+# dataset problem, not a stray file.
+MAX_CONSECUTIVE_SKIPS = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
   tile_size: int  # pixels per tile side
-  max_tiles: int = 1  # tiles per image including the thumbnail
+  max_tiles: int = 1  # tiles per example including the thumbnail(s)
   min_tiles: int = 1
   use_thumbnail: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class Scan:
+  """What `Encoder.scan` learns about a source without decoding its images."""
+
+  prompt: np.ndarray  # [N] tokens before the last answer of each record (-1: its images cannot be read)
+  total: np.ndarray  # [N] tokens of the whole conversation (-1: unreadable)
+  reasons: dict[int, str]  # record index -> why its images cannot be read
+
+  @property
+  def prompt_max(self) -> int:
+    return int(self.prompt.max(initial=0))
+
+  @property
+  def total_max(self) -> int:
+    return int(self.total.max(initial=0))
+
+
 class Encoder:
-  """Turns a record {'image', 'has_image', 'question', 'answer'} into model inputs."""
+  """Turns a record (drex.data.record) into model inputs: image tiles and chat-formatted token ids."""
 
   def __init__(self, tokenizer: tok_lib.Tokenizer, template: prompts.ChatTemplate, image: ImageSpec,
                tokens_per_tile: int):
@@ -45,60 +70,114 @@ class Encoder:
     self.pad_id = _optional_id(tokenizer, tok_lib.PAD)  # masked out anyway; any valid id works
     self.eos_id = tokenizer.token_id(template.sep)
 
-  def pixels(self, image: Any) -> tuple[np.ndarray, int]:
-    """uint8 [H, W, 3] or PIL image or None -> ([max_tiles, S, S, 3] float32, tiles used)."""
+  # -- images
+  def grid_budget(self, num_images: int) -> int:
+    """Most grid tiles per image when a record has `num_images` images: the tile slots (max_tiles,
+    thumbnails included) are shared equally; an image cut into several tiles also gets a thumbnail."""
     spec = self.image
-    out = np.zeros((spec.max_tiles, spec.tile_size, spec.tile_size, 3), np.float32)
-    if image is None:
-      return out, 0
-    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-    max_grid = spec.max_tiles - 1 if spec.use_thumbnail and spec.max_tiles > 1 else spec.max_tiles
-    tiles = images_lib.dynamic_tiles(img, spec.tile_size, spec.min_tiles, max_grid, spec.use_thumbnail)
-    for i, tile in enumerate(tiles):
-      out[i] = images_lib.normalize(tile)
-    return out, len(tiles)
+    share = spec.max_tiles // max(num_images, 1)
+    if share < 1:
+      raise images_lib.ImageError(f"a record with {num_images} images does not fit {spec.max_tiles} tile slots; "
+                                  f"raise data.max_tiles")
+    if num_images <= 1:
+      return spec.max_tiles - 1 if spec.use_thumbnail and spec.max_tiles > 1 else spec.max_tiles
+    return share - 1 if spec.use_thumbnail and share > 2 else (share if not spec.use_thumbnail else 1)
 
-  @functools.lru_cache(maxsize=65536)
-  def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
-    return self.tokenizer.encode(self.template.prompt(question, num_tiles * self.tokens_per_tile))
+  def tile_counts(self, record: dict) -> list[int]:
+    """Tiles of each image of a record, from the image sizes alone (no decoding)."""
+    spec, budget = self.image, self.grid_budget(len(record["images"]))
+    return [images_lib.tile_count(*images_lib.image_size(img), spec.tile_size, spec.min_tiles, budget,
+                                  spec.use_thumbnail) for img in record["images"]]
 
+  def pixels(self, record_images: Sequence[Any], num_tiles: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Images -> ([num_tiles or max_tiles, S, S, 3] float32 tiles in order, zero padded; tiles per image)."""
+    spec = self.image
+    out = np.zeros((num_tiles or spec.max_tiles, spec.tile_size, spec.tile_size, 3), np.float32)
+    budget = self.grid_budget(len(record_images))
+    counts, k = [], 0
+    for img in record_images:
+      tiles = images_lib.dynamic_tiles(images_lib.load_image(img), spec.tile_size, spec.min_tiles, budget,
+                                       spec.use_thumbnail)
+      for tile in tiles:
+        out[k] = images_lib.normalize(tile)
+        k += 1
+      counts.append(len(tiles))
+    return out, counts
+
+  # -- text
   @functools.lru_cache(maxsize=65536)
+  def _ids(self, text: str) -> tuple[int, ...]:
+    return tuple(self.tokenizer.encode(text))
+
   def target_ids(self, answer: str) -> list[int]:
-    return self.tokenizer.encode(self.template.target(answer))
+    return list(self._ids(self.template.target(answer)))
 
-  def _parts(self, record: dict) -> tuple[np.ndarray, list[int], str]:
-    image = record["image"] if record.get("has_image", True) else None
-    pixels, tiles = self.pixels(image)
-    return pixels, self.prompt_ids(_text(record["question"]), tiles), _text(record["answer"])
+  def segments(self, record: dict, tile_counts: Sequence[int]) -> list[tuple[tuple[int, ...], bool]]:
+    """(token ids, is an answer) pieces of the whole conversation, in order."""
+    turns = [list(t) for t in record["turns"]]
+    blocks = [prompts.image_block(n * self.tokens_per_tile) for n in tile_counts]
+    placeholders = sum(u.count(record_lib.IMAGE_PLACEHOLDER) for u, _ in turns)
+    if placeholders == 0 and blocks:
+      lead = ("<image>\n" if len(blocks) == 1 else
+              "".join(f"Image-{i + 1}: <image>\n" for i in range(len(blocks))))
+      turns[0][0] = lead + turns[0][0]
+    elif placeholders != len(blocks):
+      raise ValueError(f"a record has {placeholders} {record_lib.IMAGE_PLACEHOLDER} placeholders for "
+                       f"{len(blocks)} images")
+    pending = iter(blocks)
+    out = []
+    for i, (user, answer) in enumerate(turns):
+      parts = user.split(record_lib.IMAGE_PLACEHOLDER)
+      content = parts[0] + "".join(next(pending) + part for part in parts[1:])
+      out.append((self._ids(self.template.user_turn(content, first=i == 0)), False))
+      out.append((self._ids(self.template.target(answer)), True))
+    return out
 
-  def train_example(self, record: dict, seq_len: int) -> dict[str, np.ndarray]:
-    pixels, prompt, answer = self._parts(record)
-    target = self.target_ids(answer)
-    ids = prompt + target
+  # -- examples
+  def train_example(self, record: dict, seq_len: int, num_tiles: int | None = None) -> dict[str, np.ndarray]:
+    pixels, counts = self.pixels(record["images"], num_tiles)
+    ids, loss = [], []
+    for piece, is_answer in self.segments(record, counts):
+      ids += piece
+      loss += [int(is_answer)] * len(piece)
     if len(ids) > seq_len:
       raise ValueError(f"example of {len(ids)} tokens does not fit seq_len={seq_len}; raise data.seq_len")
     pad = seq_len - len(ids)
     return {"pixel_values": pixels,
             "input_ids": np.array([self.pad_id] * pad + ids, np.int32),
             "attention_mask": np.array([0] * pad + [1] * len(ids), np.int32),
-            "loss_mask": np.array([0] * (pad + len(prompt)) + [1] * len(target), np.int32)}
+            "loss_mask": np.array([0] * pad + loss, np.int32)}
 
-  def eval_example(self, record: dict, prompt_len: int) -> dict[str, np.ndarray]:
-    pixels, prompt, _ = self._parts(record)
+  def prompt_ids(self, record: dict, tile_counts: Sequence[int]) -> list[int]:
+    """Everything before the last answer: earlier turns with their answers, then the last question."""
+    pieces = self.segments(record, tile_counts)[:-1]
+    return [i for piece, _ in pieces for i in piece]
+
+  def eval_example(self, record: dict, prompt_len: int, num_tiles: int | None = None) -> dict[str, np.ndarray]:
+    pixels, counts = self.pixels(record["images"], num_tiles)
+    prompt = self.prompt_ids(record, counts)
     if len(prompt) > prompt_len:
       raise ValueError(f"prompt of {len(prompt)} tokens does not fit prompt_len={prompt_len}; raise data.seq_len")
     pad = prompt_len - len(prompt)
     return {"pixel_values": pixels, "input_ids": np.array([self.pad_id] * pad + prompt, np.int32),
             "attention_mask": np.array([0] * pad + [1] * len(prompt), np.int32)}
 
-  def lengths(self, source) -> tuple[int, int]:
-    """(longest prompt, longest prompt + target) in tokens over a source."""
-    prompt_max = total_max = 0
+  def lengths(self, record: dict) -> tuple[int, int]:
+    """(prompt, prompt + answers) in tokens, from the image sizes alone."""
+    pieces = self.segments(record, self.tile_counts(record))
+    total = sum(len(p) for p, _ in pieces)
+    return total - len(pieces[-1][0]), total
+
+  def scan(self, source: Sequence[dict]) -> Scan:
+    """Every record's prompt and total length, and which records' images cannot be read (no decoding)."""
+    prompt, total = np.full(len(source), -1, np.int64), np.full(len(source), -1, np.int64)
+    reasons = {}
     for i in range(len(source)):
-      _, prompt, answer = self._parts(source[i])
-      prompt_max = max(prompt_max, len(prompt))
-      total_max = max(total_max, len(prompt) + len(self.target_ids(answer)))
-    return prompt_max, total_max
+      try:
+        prompt[i], total[i] = self.lengths(source[i])
+      except images_lib.ImageError as e:
+        reasons[i] = str(e)
+    return Scan(prompt, total, reasons)
 
   def decode_answer(self, ids: Sequence[int]) -> str:
     ids = list(ids)
@@ -114,26 +193,26 @@ def _optional_id(tokenizer: tok_lib.Tokenizer, token: str) -> int:
     return 0
 
 
-def _text(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def train_batches(sources: Sequence, encoder: Encoder, seq_len: int, global_batch: int, seed: int,
-                  weights: Sequence[float] | None = None, process_index: int = 0, process_count: int = 1,
-                  workers: int = 0) -> grain.DatasetIterator:
+def train_batches(sources: Sequence[Sequence[dict]], encoders: Encoder | Sequence[Encoder], seq_len: int,
+                  global_batch: int, seed: int, weights: Sequence[float] | None = None, process_index: int = 0,
+                  process_count: int = 1, workers: int = 0) -> grain.DatasetIterator:
   """An endless, shuffled, checkpointable iterator of this process's rows of the global batches.
 
   The global order (sources mixed, each shuffled and repeated) is the same for every process count;
   global batch k is examples [k*B, (k+1)*B) of it and process i reads rows [i*B/P, (i+1)*B/P) of
-  each, so a run on P hosts sees exactly the batches of a run on one. `workers` > 0 formats batches
-  in that many grain worker processes.
+  each, so a run on P hosts sees exactly the batches of a run on one. Source i's records are encoded
+  by encoders[i] (one encoder for all if a single one is given); tiles are zero-padded to the largest
+  max_tiles. A record whose images cannot be decoded is replaced by the next one of the global order
+  and counted in the row's `skipped`. `workers` > 0 formats batches in that many grain worker processes.
   """
   if global_batch % process_count:
     raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
-  datasets = [grain.MapDataset.source(src).seed(seed + i).shuffle().repeat() for i, src in enumerate(sources)]
+  encoders = [encoders] * len(sources) if isinstance(encoders, Encoder) else list(encoders)
+  datasets = [grain.MapDataset.source(src).seed(seed + i).shuffle().repeat().map(functools.partial(_tagged, i))
+              for i, src in enumerate(sources)]
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-  ds = ds.map(functools.partial(_train_example, encoder, seq_len))
-  rows = _HostRows(ds, global_batch, process_index, process_count)
+  num_tiles = max(e.image.max_tiles for e in encoders)
+  rows = _HostRows(ds, encoders, seq_len, num_tiles, global_batch, process_index, process_count)
   host = grain.MapDataset.range(len(ds) // process_count).map(rows)
   host = host.batch(global_batch // process_count, drop_remainder=True)
   if workers:
@@ -141,19 +220,30 @@ def train_batches(sources: Sequence, encoder: Encoder, seq_len: int, global_batc
   return iter(host)
 
 
+def _tagged(source_index: int, record: dict) -> tuple[int, dict]:
+  return source_index, record
+
+
 class _HostRows:
-  """Row j of process i -> element (j // b) * B + i * b + j % b of the global order (b = B / P)."""
+  """Row j of process i -> element (j // b) * B + i * b + j % b of the global order (b = B / P), encoded."""
 
-  def __init__(self, ds, global_batch: int, process_index: int, process_count: int):
-    self.ds, self.global_batch = ds, global_batch
-    self.process_index, self.local = process_index, global_batch // process_count
+  def __init__(self, ds, encoders: list[Encoder], seq_len: int, num_tiles: int, global_batch: int,
+               process_index: int, process_count: int):
+    self.ds, self.encoders, self.seq_len, self.num_tiles = ds, encoders, seq_len, num_tiles
+    self.global_batch, self.process_index, self.local = global_batch, process_index, global_batch // process_count
 
-  def __call__(self, j: int):
-    return self.ds[(j // self.local) * self.global_batch + self.process_index * self.local + j % self.local]
-
-
-def _train_example(encoder: Encoder, seq_len: int, record: dict) -> dict[str, np.ndarray]:
-  return encoder.train_example(record, seq_len)
+  def __call__(self, j: int) -> dict[str, np.ndarray]:
+    index = (j // self.local) * self.global_batch + self.process_index * self.local + j % self.local
+    for skipped in range(MAX_CONSECUTIVE_SKIPS):
+      source, record = self.ds[index + skipped]
+      try:
+        example = self.encoders[source].train_example(record, self.seq_len, self.num_tiles)
+      except images_lib.ImageError as e:
+        log.warning("skipping a training record: %s", e)
+        continue
+      return {**example, "skipped": np.int32(skipped)}
+    raise images_lib.ImageError(f"{MAX_CONSECUTIVE_SKIPS} training records in a row have unreadable images; "
+                                f"check the dataset's image files")
 
 
 def eval_batches(source, encoder: Encoder, prompt_len: int, global_batch: int, size: int | None = None,
@@ -161,7 +251,8 @@ def eval_batches(source, encoder: Encoder, prompt_len: int, global_batch: int, s
   """This process's rows of fixed-shape global prompt batches over the first `size` records.
 
   Global batch k covers records [k*B, (k+1)*B); process i gets rows [i*B/P, (i+1)*B/P) of it.
-  Rows past the end repeat record 0 with valid=0. Each row carries its record `index`.
+  Rows past the end repeat record 0 with valid=0, as do records whose images cannot be decoded
+  (Evaluator leaves them out of the score and counts them). Each row carries its record `index`.
   """
   if global_batch % process_count:
     raise ValueError(f"eval batch {global_batch} is not divisible by {process_count} processes")
@@ -170,7 +261,24 @@ def eval_batches(source, encoder: Encoder, prompt_len: int, global_batch: int, s
   num_batches = -(-size // global_batch)
   index = np.array([k * global_batch + process_index * local + j for k in range(num_batches) for j in range(local)])
   ds = grain.MapDataset.source(source)
-  rows = grain.MapDataset.range(len(index)).map(
-      lambda j: {**encoder.eval_example(ds[int(index[j]) if index[j] < size else 0], prompt_len),
-                 "valid": np.int32(index[j] < size), "index": np.int64(index[j])})
-  yield from rows.batch(local, drop_remainder=False)
+
+  def row(j: int) -> dict[str, np.ndarray]:
+    i = int(index[j])
+    if i < size:
+      try:
+        return {**encoder.eval_example(ds[i], prompt_len), "valid": np.int32(1), "index": np.int64(i)}
+      except images_lib.ImageError as e:
+        log.warning("leaving an evaluation record out: %s", e)
+    try:  # padding (or an unreadable record): record 0, never scored
+      filler = encoder.eval_example(ds[0], prompt_len)
+    except images_lib.ImageError:
+      filler = encoder.eval_example(_blank(ds[0]), prompt_len)
+    return {**filler, "valid": np.int32(0), "index": np.int64(i)}
+
+  yield from grain.MapDataset.range(len(index)).map(row).batch(local, drop_remainder=False)
+
+
+def _blank(record: dict) -> dict:
+  """A record's shape without its images: the filler of padding rows (never scored)."""
+  return {**record, "images": [], "turns": [(u.replace(record_lib.IMAGE_PLACEHOLDER, ""), a)
+                                            for u, a in record["turns"]]}

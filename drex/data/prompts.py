@@ -1,8 +1,9 @@
 """Chat templates of the InternVL-2 models (MPT separator style) and image-token expansion.
 
-A prompt is: [BOS] system turn, user turn, assistant prefix; the target is answer + separator.
-The user turn of an image question is `<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) +
-`</img>` + newline + question, as InternVL's `chat()` builds it.
+A conversation is: [BOS] system turn, then per turn the user turn, the assistant prefix and the
+answer + separator (the target). An image in a user turn is `<img>` + `<IMG_CONTEXT>` x (tokens per
+tile x tiles) + `</img>` (`image_block`), put where its `<image>` placeholder was, as InternVL's
+`chat()` and fine-tuning loader build it.
 """
 
 from __future__ import annotations
@@ -25,15 +26,25 @@ class ChatTemplate:
   system_message: str = ""
   bos: bool = False  # prepend the tokenizer's <s>
 
-  def prompt(self, question: str, num_image_tokens: int) -> str:
-    content = question
-    if num_image_tokens:
-      content = tok_lib.IMG_START + tok_lib.IMG_CONTEXT * num_image_tokens + tok_lib.IMG_END + "\n" + question
+  def user_turn(self, content: str, first: bool = True) -> str:
+    """The text before an answer: ([BOS] + system turn, on the first turn) + user turn + assistant prefix."""
+    if not first:
+      return self.user.format(content) + self.assistant
     system = self.system.format(self.system_message) if self.system and self.system_message else ""
     return (tok_lib.BOS if self.bos else "") + system + self.user.format(content) + self.assistant
 
+  def prompt(self, question: str, num_image_tokens: int) -> str:
+    """A one-turn prompt about one image of `num_image_tokens` tokens (0 = text only)."""
+    content = image_block(num_image_tokens) + "\n" + question if num_image_tokens else question
+    return self.user_turn(content)
+
   def target(self, answer: str) -> str:
     return answer + self.sep
+
+
+def image_block(num_image_tokens: int) -> str:
+  """The tokens that stand for one image in a prompt."""
+  return tok_lib.IMG_START + tok_lib.IMG_CONTEXT * num_image_tokens + tok_lib.IMG_END
 
 
 _MPT_IM = dict(system="<|im_start|>system\n{}<|im_end|>", user="<|im_start|>user\n{}<|im_end|>",

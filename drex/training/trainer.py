@@ -108,17 +108,21 @@ def train(label: str, step_fn: Callable, state: TrainState, frozen: dict, batche
   """Run a stage to `steps` from state.step (restored from `checkpoint` when one exists).
 
   Saves to `checkpoint` every checkpoint.every steps and on SIGTERM (then raises Preempted).
-  Returns the final state and {'loss_first', 'loss_last', 'seconds', 'resumed_from'}.
+  Returns the final state and {'loss_first', 'loss_last', 'seconds', 'resumed_from'} (+ 'skipped_records',
+  the rows made from a later record because a record's images could not be decoded, when there were any).
   """
   if checkpoint is not None:
     state = checkpoint.restore(state, batches)
   start = int(state.step)
   losses = []
+  skipped = 0  # this host's training records passed over because their images could not be decoded
   begin = time.time()
   bar = tqdm(range(start, steps), desc=label, unit="step", leave=False, mininterval=2.0,
              disable=steps <= start or jax.process_index() != 0)
   for i in bar:
-    batch = parallel.global_batch(next(batches))
+    local = dict(next(batches))
+    skipped += int(np.sum(local.pop("skipped", 0)))
+    batch = parallel.global_batch(local)
     with parallel.context():
       state, metrics = step_fn(state, frozen, batch)
     if (i + 1) % log_every == 0 or i + 1 == steps or i == start:
@@ -136,6 +140,10 @@ def train(label: str, step_fn: Callable, state: TrainState, frozen: dict, batche
   seconds = time.time() - begin
   summary = {"loss_first": losses[0] if losses else float("nan"), "loss_last": losses[-1] if losses else float("nan"),
              "seconds": round(seconds, 2), "resumed_from": start}
+  if skipped:
+    summary["skipped_records"] = skipped
+    log.warning("%s: %d training records skipped on this host: their images could not be decoded (see the "
+                "warnings above)", label, skipped)
   log.info("%s: %d steps in %.1fs, loss %.3f -> %.3f", label, steps - start, seconds, summary["loss_first"],
            summary["loss_last"])
   return state, summary

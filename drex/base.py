@@ -4,9 +4,13 @@ base checkpoint directory (the shipped tiny base by default)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import os
+import shutil
 from typing import Any
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,8 @@ from drex.data import tokenizer as tok_lib
 from drex.errors import UserError
 from drex.models.vlm import VLM
 from drex.parallel import Parallel
+
+log = logging.getLogger(__name__)
 
 SHIPPED = "base_tiny"  # drex/assets/base_tiny: the pretrained tiny base of the embedded default
 
@@ -76,8 +82,10 @@ def load(path: str = "", parallel: Parallel | None = None) -> Base:
   InternVL-2 checkpoint directory (config.json + safetensors + tokenizer), imported on the fly.
   """
   path = path or shipped_path()
-  if not os.path.isdir(path):
+  if not store.isdir(path):
     raise UserError(f"base checkpoint directory not found: {path}")
+  if "://" in path and not store.exists(os.path.join(path, "params")):  # a HF checkpoint on a cloud path
+    path = local_copy(path)
   if hf_import.is_checkpoint_dir(path):
     info, tokenizer = hf_import.base_info(path)
     shapes = param_shapes(VLM(info.model), info.image, parallel)
@@ -87,6 +95,27 @@ def load(path: str = "", parallel: Parallel | None = None) -> Base:
   info, tokenizer = store.load_base_info(path)
   params = store.load_base_params(path, param_shapes(VLM(info.model), info.image, parallel))
   return Base(info, tokenizer, params, path)
+
+
+CHECKPOINT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "drex", "checkpoints")
+
+
+def local_copy(url: str, cache: str = CHECKPOINT_CACHE) -> str:
+  """A local copy of a checkpoint directory on a cloud path (safetensors are memory-mapped from local files),
+  made once under `cache` (keyed by the URL) and reused."""
+  target = os.path.join(cache, hashlib.sha256(url.encode()).hexdigest()[:16])
+  if os.path.isdir(target):
+    return target
+  staging = f"{target}.tmp"
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  for item in epath.Path(url).iterdir():
+    if item.is_file():
+      log.info("copying %s", item)
+      with item.open("rb") as src, open(os.path.join(staging, item.name), "wb") as dst:
+        shutil.copyfileobj(src, dst, 64 << 20)
+  os.rename(staging, target)
+  return target
 
 
 # The tasks whose text the tiny tokenizer is trained on: the family as it was when the shipped base was
@@ -109,9 +138,9 @@ def tiny_tokenizer(vocab_size: int) -> tok_lib.Tokenizer:
 def load_from_workdir(workdir: str, parallel: Parallel | None = None) -> Base:
   """The base a drex.train workdir used: WORKDIR/base, or the checkpoint recorded in base_source.json."""
   stored, record = os.path.join(workdir, "base"), os.path.join(workdir, "base_source.json")
-  if os.path.isdir(stored):
+  if store.isdir(stored):
     return load(stored, parallel)
-  if os.path.exists(record):
+  if store.exists(record):
     return load(store.read_json(record, "base record")["source"], parallel)
   raise UserError(f"{workdir} holds no trained run (no base/ or base_source.json); run drex.train with this "
                   f"--workdir first")

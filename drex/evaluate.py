@@ -42,7 +42,7 @@ def main(argv):
   results = Stream(cfg, workdir, eval_only=True).run("evaluation.json")
   stored_path = os.path.join(workdir, "results.json")
   report = {}
-  if os.path.exists(stored_path):
+  if store.exists(stored_path):
     stored = store.read_json(stored_path, "stored results")
     for method, entry in results["methods"].items():
       if method in stored["methods"]:

@@ -39,7 +39,7 @@ def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.Confi
   experts, routers = [], []
   for task in cfg.tasks:
     directory = os.path.join(workdir, "adapters", task)
-    if not os.path.isdir(directory):
+    if not store.isdir(directory):
       raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
     ex, rt, _ = store.load_adapter(directory)
     experts.append(ex)

@@ -3,8 +3,10 @@ PNG routing-weight profiles (per layer and expert, for each task's evaluation da
 
 from __future__ import annotations
 
+import io
 import os
 
+from etils import epath
 import matplotlib
 
 matplotlib.use("Agg")
@@ -65,8 +67,7 @@ def plot_matrix(path: str, title: str, rows: list[str], columns: list[str], matr
   ax.set_title(title)
   fig.colorbar(im, ax=ax, fraction=0.04)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_routing(path: str, title: str, profiles: dict[str, list[list[float]]], experts: list[str]) -> None:
@@ -81,18 +82,24 @@ def plot_routing(path: str, title: str, profiles: dict[str, list[list[float]]], 
     ax.set_yticks(range(p.shape[0]), [f"layer {i}" for i in range(p.shape[0])], fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+  """PNG to a local or cloud path (matplotlib writes to a buffer, epath to the file)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
   plt.close(fig)
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def write_all(workdir: str, results: dict) -> None:
   plots = os.path.join(workdir, "plots")
-  os.makedirs(plots, exist_ok=True)
+  epath.Path(plots).mkdir(parents=True, exist_ok=True)
   for name, m in results["methods"].items():
     plot_matrix(os.path.join(plots, f"matrix_{name}.png"), f"{name}: accuracy after each task", m["rows"],
                 m["columns"], m["matrix"], len(results["tasks"]))
   for name, profiles in results.get("routing_profiles", {}).items():
     plot_routing(os.path.join(plots, f"routing_{name}.png"), f"{name}: mean routing weight per layer",
                  profiles["profiles"], profiles["experts"])
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(markdown(results))
+  epath.Path(workdir, "report.md").write_text(markdown(results))

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
@@ -70,7 +69,7 @@ class Stream:
     self.eval_only = eval_only  # never train: every adapter must be in the workdir already
     self.timings: dict[str, float] = {}
     self._steps: dict[Any, Any] = {}
-    os.makedirs(workdir, exist_ok=True)
+    store.makedirs(workdir)
     if not eval_only and jax.process_index() == 0:
       store.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     tfds.disable_progress_bar()
@@ -101,11 +100,11 @@ class Stream:
     """The frozen base, stored once in WORKDIR/base (later runs load that copy), or with
     base.store=False loaded from its recorded source every time."""
     cfg = self.cfg
-    source = os.path.abspath(cfg.base.checkpoint or base_lib.shipped_path())
+    source = store.absolute(cfg.base.checkpoint or base_lib.shipped_path())
     stored = os.path.join(self.workdir, "base")
     record = os.path.join(self.workdir, "base_source.json")
-    if os.path.exists(record) or self.eval_only:
-      recorded = store.read_json(record, "base record")["source"] if os.path.exists(record) else source
+    if store.exists(record) or self.eval_only:
+      recorded = store.read_json(record, "base record")["source"] if store.exists(record) else source
       if recorded != source and not self.eval_only:
         raise UserError(f"{self.workdir} was made with base {recorded}, the config names {source}; "
                         f"use a new --workdir")
@@ -192,7 +191,7 @@ class Stream:
 
   def _load_or_train(self, directory: str, fp: str, train_fn, with_router: bool) -> tuple[Any, Any]:
     """Reuse a finished adapter checkpoint with the same fingerprint, else train and save it."""
-    if os.path.isdir(directory):
+    if store.isdir(directory):
       expected = self._expert_shapes()
       experts, router, meta = store.load_adapter(directory, expected,
                                                  lora.init_router(expected, with_stats=True) if with_router else None)
@@ -268,7 +267,7 @@ class Stream:
     k = len(self.cfg.foundation)
     shapes = jax.eval_shape(lambda: lora.init_router(lora.stack([self._new_expert(0)] * k), with_stats=True))
     expected = _rename_leaves(_rename_leaves(shapes, "v", "null_v"), "v_stats", "null_stats")
-    if os.path.isdir(directory):
+    if store.isdir(directory):
       return store.load_tree(directory, expected, "null-expert prototypes")
     samples = [self._foundation_sample(f) for f in self.cfg.foundation]
     means = [{key: m["mean"] for key, m in self._moments(self._sample_batches(*s)).items()} for s in samples]
@@ -341,7 +340,7 @@ class Stream:
           ex, sa = self._train_expert(f"[sequential] {task}", f"sequential_{i}_{task}", start, [task], cfg.seed + i)
         return ex, None, self._lora_meta(task=task, index=i, stage_a=sa)
 
-      if i == 0 and os.path.isdir(reuse):  # identical to the routing method's first expert (same init/data/steps)
+      if i == 0 and store.isdir(reuse):  # identical to the routing method's first expert (same init/data/steps)
         fp = self._train_fp(task, 0, cfg.stage_b, *self._data_fp([task]))
         current, _ = self._load_or_train(reuse, fp, None, with_router=True)
       else:
@@ -410,7 +409,7 @@ class Stream:
     self.timings["total"] = time.time() - begin + self.timings.get("load_base", 0) + self.timings.get("data", 0)
     results["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
     if jax.process_index() == 0:
-      shutil.rmtree(os.path.join(self.workdir, "state"), ignore_errors=True)  # every stage is committed
+      store.remove_tree(os.path.join(self.workdir, "state"))  # every stage is committed
       store.write_json(os.path.join(self.workdir, results_name), results)
       if results_name == "results.json":
         report.write_all(self.workdir, results)

@@ -11,16 +11,16 @@ reported and the one before it is used; if none restores, the error says what to
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
 import threading
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from drex.checkpoints import store
 from drex.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class StageCheckpoint:
   """orbax CheckpointManager over {'state': TrainState, 'data': grain iterator} for one stage."""
 
   def __init__(self, directory: str, every: int):
-    self.directory = os.path.abspath(directory)
+    self.directory = store.absolute(directory)
     self.every = max(int(every), 1)
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -54,7 +54,8 @@ class StageCheckpoint:
 
   def restore(self, state: Any, iterator: grain.DatasetIterator) -> Any:
     """The newest restorable state (and iterator position) past `state.step`, or `state` when there is none."""
-    unfinished = [n for n in os.listdir(self.directory) if "tmp" in n] if os.path.isdir(self.directory) else []
+    unfinished = ([p.name for p in epath.Path(self.directory).iterdir() if "tmp" in p.name]
+                  if store.isdir(self.directory) else [])
     if unfinished:
       log.warning("ignoring unfinished checkpoint writes in %s: %s", self.directory, ", ".join(sorted(unfinished)))
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -88,4 +89,4 @@ class StageCheckpoint:
     """Delete the stage's checkpoints once its result is committed elsewhere."""
     self.manager.close()
     if jax.process_index() == 0:
-      shutil.rmtree(self.directory, ignore_errors=True)
+      store.remove_tree(self.directory)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import uuid
 from typing import Any
 
+from etils import epath
 import flax
 import jax
 import numpy as np
@@ -62,30 +62,56 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def absolute(path: str | os.PathLike) -> str:
+  """A local path made absolute; a cloud path (gs://...) as it is."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
+def exists(path: str | os.PathLike) -> bool:
+  return epath.Path(path).exists()
+
+
+def isdir(path: str | os.PathLike) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def makedirs(path: str | os.PathLike) -> None:
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+  """Delete a directory tree if it is there."""
+  p = epath.Path(path)
+  if p.exists():
+    p.rmtree()
+
+
 def staging_for(path: str) -> str:
   """A fresh staging directory for `path` (a stale one from an interrupted save is removed)."""
-  if os.path.exists(path):
+  if exists(path):
     raise UserError(f"refusing to overwrite existing checkpoint {path}; move it away or use another workdir")
-  staging = f"{path.rstrip(os.sep)}.tmp"
+  staging = f"{os.fspath(path).rstrip('/')}.tmp"
   if jax.process_index() == 0:
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    remove_tree(staging)
+    makedirs(staging)
   sync(f"staging {staging}")
   return staging
 
 
 def commit(staging: str, path: str) -> None:
-  """Atomically move a finished staging directory into place (process 0, after every process wrote)."""
+  """Move a finished staging directory into place (process 0, after every process wrote): atomic on a local
+  filesystem; on object stores a copy whose marker (the final name) appears last."""
   sync(f"commit {path}")
   if jax.process_index() == 0:
-    os.rename(staging, path)
+    epath.Path(staging).rename(path)
   sync(f"committed {path}")
 
 
 def write_tree(path: str, tree: Any) -> None:
   """Save a pytree of arrays with orbax at `path` (which must not exist yet)."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), tree)
+  checkpointer.save(absolute(path), tree)
   checkpointer.wait_until_finished()
 
 
@@ -105,12 +131,12 @@ def read_tree(path: str, expected: Any | None = None, what: str = "checkpoint") 
   With `expected` (a tree of arrays or jax.ShapeDtypeStruct, optionally with `.sharding`), every
   leaf is checked by name and shape first and restored with the expected dtype and sharding.
   """
-  if not os.path.isdir(path):
+  if not isdir(path):
     raise UserError(f"{what} not found: {path}")
   checkpointer = ocp.StandardCheckpointer()
   damaged = f"{what} at {path} is damaged or incomplete; delete it and re-run"
   try:
-    meta = checkpointer.metadata(os.path.abspath(path))
+    meta = checkpointer.metadata(absolute(path))
   except Exception as e:  # orbax raises various types for damaged directories
     raise UserError(f"{damaged} ({type(e).__name__})") from None
   if meta is None or meta.item_metadata is None:
@@ -125,7 +151,7 @@ def read_tree(path: str, expected: Any | None = None, what: str = "checkpoint") 
   else:
     target = None
   try:
-    return checkpointer.restore(os.path.abspath(path), target)
+    return checkpointer.restore(absolute(path), target)
   except Exception as e:
     raise UserError(f"{what} at {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                     f"delete it and re-run") from None
@@ -138,10 +164,10 @@ def _as_dict(tree):
 
 
 def write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
+  """Write JSON through a temporary sibling, so readers never see half a file."""
+  tmp = epath.Path(f"{path}.tmp-{uuid.uuid4().hex[:8]}")
+  tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+  tmp.replace(path)
 
 
 def _json_default(obj):
@@ -153,11 +179,10 @@ def _json_default(obj):
 
 
 def read_json(path: str, what: str) -> Any:
-  if not os.path.exists(path):
+  if not exists(path):
     raise UserError(f"{what} not found: {path}")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_text())
   except json.JSONDecodeError as e:
     raise UserError(f"{what} at {path} is not valid JSON ({e})") from None
 
@@ -190,7 +215,7 @@ def load_base_params(directory: str, expected: Any) -> Any:
 def save_adapter(directory: str, experts: Any, router: Any | None, metadata: dict) -> None:
   """Write one task's adapter (expert slice, its routing vectors, JSON metadata) once."""
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+    makedirs(epath.Path(absolute(directory)).parent)
   sync(f"parent {directory}")
   staging = staging_for(directory)
   write_tree(os.path.join(staging, "experts"), experts)
@@ -217,5 +242,5 @@ def load_adapter(directory: str, expected_experts: Any | None = None,
   metadata = read_json(os.path.join(directory, "metadata.json"), "adapter metadata")
   experts = read_tree(os.path.join(directory, "experts"), expected_experts, what=f"adapter {directory}")
   router_path = os.path.join(directory, "router")
-  router = read_tree(router_path, expected_router, what=f"router {directory}") if os.path.isdir(router_path) else None
+  router = read_tree(router_path, expected_router, what=f"router {directory}") if isdir(router_path) else None
   return experts, router, metadata

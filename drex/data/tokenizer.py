@@ -11,6 +11,7 @@ import os
 import re
 from typing import Iterable, Sequence
 
+from etils import epath
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -47,16 +48,17 @@ class Tokenizer:
   @classmethod
   def load(cls, directory: str) -> "Tokenizer":
     """tokenizer.json (preferred) or tokenizer.model (+ its added tokens) from a checkpoint directory."""
-    json_path, sp_path = os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer.model")
-    if os.path.exists(json_path):
-      return cls(tokenizers.Tokenizer.from_file(json_path), "hf")
-    if os.path.exists(sp_path):
+    folder = epath.Path(directory)
+    if (folder / "tokenizer.json").exists():
+      return cls(tokenizers.Tokenizer.from_str((folder / "tokenizer.json").read_text()), "hf")
+    if (folder / "tokenizer.model").exists():
       import sentencepiece  # pylint: disable=g-import-not-at-top
       added, special = _added_tokens(directory)
-      return cls(sentencepiece.SentencePieceProcessor(model_file=sp_path), "sentencepiece", added, special)
+      return cls(sentencepiece.SentencePieceProcessor(model_proto=(folder / "tokenizer.model").read_bytes()),
+                 "sentencepiece", added, special)
     hint = ""
-    if os.path.exists(os.path.join(directory, "vocab.json")):
-      if _tokenizer_class(directory) == "Qwen2Tokenizer" and os.path.exists(os.path.join(directory, "merges.txt")):
+    if (folder / "vocab.json").exists():
+      if _tokenizer_class(directory) == "Qwen2Tokenizer" and (folder / "merges.txt").exists():
         return cls(_qwen2_bpe(directory), "hf")
       hint = (" (this checkpoint has a slow vocab.json/merges.txt tokenizer: write tokenizer.json next to it with "
               "`transformers.AutoTokenizer.from_pretrained(DIR, trust_remote_code=True).save_pretrained(DIR)`)")
@@ -65,18 +67,18 @@ class Tokenizer:
 
   def save(self, directory: str) -> None:
     """Write the tokenizer so that `Tokenizer.load(directory)` gives the same one back."""
+    folder = epath.Path(directory)
     if self.kind == "hf":
-      self._backend.save(os.path.join(directory, "tokenizer.json"))
+      (folder / "tokenizer.json").write_text(self._backend.to_str(pretty=True))
       return
-    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
-      f.write(self._backend.serialized_model_proto())
+    (folder / "tokenizer.model").write_bytes(self._backend.serialized_model_proto())
     sp = self._backend
     control = {t for t, i in self.added_tokens.items()
                if i < sp.get_piece_size() and (sp.IsControl(i) or sp.IsUnknown(i)) and sp.id_to_piece(i) == t}
     extra = {t: i for t, i in self.added_tokens.items() if t not in control}
     decoder = {str(i): {"content": t, "special": i in self._special_ids} for t, i in sorted(extra.items())}
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-      json.dump({"added_tokens_decoder": decoder}, f, indent=1, ensure_ascii=False)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}, indent=1,
+                                                             ensure_ascii=False))
 
   # -- use
   def encode(self, text: str) -> list[int]:
@@ -136,11 +138,10 @@ QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 
 
 def _tokenizer_class(directory: str) -> str | None:
-  path = os.path.join(directory, "tokenizer_config.json")
-  if not os.path.exists(path):
+  path = epath.Path(directory, "tokenizer_config.json")
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f).get("tokenizer_class")
+  return json.loads(path.read_text()).get("tokenizer_class")
 
 
 def _qwen2_bpe(directory: str) -> tokenizers.Tokenizer:
@@ -167,14 +168,12 @@ def _added_tokens(directory: str) -> tuple[dict[str, int], set[int]]:
   """Added tokens of a slow HF tokenizer: tokenizer_config.json `added_tokens_decoder` and added_tokens.json."""
   added: dict[str, int] = {}
   special: set[int] = set()
-  path = os.path.join(directory, "added_tokens.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      added.update({str(t): int(i) for t, i in json.load(f).items()})
-  path = os.path.join(directory, "tokenizer_config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      decoder = json.load(f).get("added_tokens_decoder", {}) or {}
+  path = epath.Path(directory, "added_tokens.json")
+  if path.exists():
+    added.update({str(t): int(i) for t, i in json.loads(path.read_text()).items()})
+  path = epath.Path(directory, "tokenizer_config.json")
+  if path.exists():
+    decoder = json.loads(path.read_text()).get("added_tokens_decoder", {}) or {}
     for i, entry in decoder.items():
       added[entry["content"]] = int(i)
       if entry.get("special"):

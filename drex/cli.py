@@ -4,10 +4,12 @@ a one-line error (not a traceback), and `UserError`s printed as one line with ex
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
 import sys
+import threading
 from typing import Callable, Sequence
 
 from absl import app
@@ -71,13 +73,42 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
+# Failures of the machine, not of drex: reported in one line like user errors (exit status 2).
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                       errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied"}
+
+
+def environment_error(e: BaseException) -> str | None:
+  """A one-line description of a full disk, a quota, a read-only filesystem or a permission problem anywhere in
+  the exception's chain (libraries such as orbax and tensorstore wrap the OSError), else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+      return f"{_ENVIRONMENT_ERRNOS[e.errno]}{f' writing {e.filename}' if e.filename else ''}"
+    text = str(e)
+    for number, words in _ENVIRONMENT_ERRNOS.items():
+      if os.strerror(number) in text or words in text.lower():
+        return f"{words} ({text.splitlines()[0][:200]})" if text else words
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def run(main: Callable[[Sequence[str]], None], prog: str) -> None:
-  """absl app.run(main) with config pre-checks and one-line user errors."""
+  """absl app.run(main) with config pre-checks, one-line user errors and one-line machine failures (a full
+  disk: what was committed before stays, the next run resumes); anything else is a bug and a traceback."""
 
   def wrapped(argv):
     from drex.checkpoints import stage  # pylint: disable=g-import-not-at-top
     setup_logging()
     stage.install_sigterm_handler()
+    default_hook = threading.excepthook
+
+    def thread_hook(args):  # a full disk in a writer thread (TensorBoard): the main thread reports it once
+      if environment_error(args.exc_value) is None:
+        default_hook(args)
+
+    threading.excepthook = thread_hook
     try:
       main(argv)
     except UserError as e:
@@ -86,6 +117,15 @@ def run(main: Callable[[Sequence[str]], None], prog: str) -> None:
     except stage.Preempted as e:
       print(f"{prog}: {e}", file=sys.stderr)
       sys.exit(143)
+    except Exception as e:  # pylint: disable=broad-except
+      problem = environment_error(e)
+      if problem is None:
+        raise
+      print(f"{prog}: error: {problem}; what was committed before is kept: free space (or fix the permission) and "
+            f"re-run the same command to go on", file=sys.stderr)
+      sys.stderr.flush()
+      sys.stdout.flush()
+      os._exit(2)  # not sys.exit: libraries' exit hooks (TensorBoard's flush) would fail on the same disk, loudly
 
   try:
     _precheck(sys.argv[1:], "config")

@@ -41,6 +41,7 @@ def main(argv):
     raise UserError("--task is required (or pass --merged without --task to export the base alone)")
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise UserError(f"refusing to overwrite {out}; choose a new --out")
+  store.check_writable(out)
   base = base_lib.load_from_workdir(workdir)
   cfg = base.info.model
   family = peft_export.family_of(cfg, base.info.provenance)

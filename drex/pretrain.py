@@ -58,6 +58,7 @@ def main(argv):
   base_dir = os.path.join(workdir, "base")
   if os.path.exists(base_dir):
     raise UserError(f"{base_dir} exists already; a base is written once (use another --workdir)")
+  store.check_writable(workdir)
   os.makedirs(workdir, exist_ok=True)
   tfds.disable_progress_bar()
   data_dir = cfg.data_dir or builder.DEFAULT_DATA_DIR

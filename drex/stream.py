@@ -24,6 +24,7 @@ import os
 import time
 from typing import Any
 
+from etils import epath
 import flax
 import jax
 import ml_collections
@@ -69,11 +70,9 @@ class Stream:
     self.eval_only = eval_only  # never train: every adapter must be in the workdir already
     self.timings: dict[str, float] = {}
     self._steps: dict[Any, Any] = {}
-    store.makedirs(workdir)
-    if not eval_only and jax.process_index() == 0:
-      store.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    if not eval_only:
+      store.check_writable(workdir)  # leaves nothing behind: nothing is written before the checks below pass
     tfds.disable_progress_bar()
-    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
     self.parallel = Parallel.create(cfg.mesh, cfg.sharding_rules)
     log.info("mesh %s over %d devices in %d processes", self.parallel.shape, jax.device_count(), jax.process_count())
     with self._timed("load_base"):
@@ -85,6 +84,12 @@ class Stream:
       self._check_batch_sizes()
     self.columns = self.data.columns
     self.evaluator = evaluation.Evaluator(cfg.data.eval_batch_size, self.parallel)
+    self.writer = None
+    if not eval_only:
+      self._check_finished_adapters()
+      self._record_run()
+      if jax.process_index() == 0:
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   # ------------------------------------------------------------------ set-up
 
@@ -96,12 +101,13 @@ class Stream:
     finally:
       self.timings[key] = self.timings.get(key, 0.0) + time.time() - begin
 
+  def _base_source(self) -> str:
+    return store.absolute(self.cfg.base.checkpoint or base_lib.shipped_path())
+
   def _load_base(self) -> base_lib.Base:
-    """The frozen base, stored once in WORKDIR/base (later runs load that copy), or with
-    base.store=False loaded from its recorded source every time."""
-    cfg = self.cfg
-    source = store.absolute(cfg.base.checkpoint or base_lib.shipped_path())
-    stored = os.path.join(self.workdir, "base")
+    """The frozen base: the workdir's copy (WORKDIR/base) or recorded source when it has one, else the
+    config's (stored once by `_record_run`, after the checks)."""
+    source = self._base_source()
     record = os.path.join(self.workdir, "base_source.json")
     if store.exists(record) or self.eval_only:
       recorded = store.read_json(record, "base record")["source"] if store.exists(record) else source
@@ -110,12 +116,44 @@ class Stream:
                         f"use a new --workdir")
       return base_lib.load_from_workdir(self.workdir, self.parallel)
     base = base_lib.load(source, self.parallel)
-    if cfg.base.store:
-      store.save_base(stored, base.params, base.info, base.tokenizer)  # every process writes its shards
-    if jax.process_index() == 0:
-      store.write_json(record, {"source": source})
     log.info("base %s: %.2fM params, template %s", source, lora.count_params(base.params) / 1e6, base.info.template)
     return base
+
+  def _check_finished_adapters(self) -> None:
+    """Refuse, before anything is written, a config that does not match the adapters already in the workdir."""
+    for directory, fp in self._planned_adapters():
+      meta_path = os.path.join(directory, "metadata.json")
+      if store.exists(meta_path):
+        stored = store.read_json(meta_path, "adapter metadata").get("fingerprint")
+        if stored != fp:
+          raise UserError(f"{directory} was trained with a different config (fingerprint {stored} != {fp}); use a "
+                          f"new --workdir, or the config it was made with (WORKDIR/config.json)")
+
+  def _record_run(self) -> None:
+    """What a compatible run writes first: the base (once) and the config. A config that differs from the
+    workdir's config.json replaces it, and the earlier one is kept as config.<n>.json."""
+    if jax.process_index() == 0:
+      store.makedirs(self.workdir)
+    store.sync("workdir made")
+    record = os.path.join(self.workdir, "base_source.json")
+    if not store.exists(record):
+      if self.cfg.base.store:
+        store.save_base(os.path.join(self.workdir, "base"), self.base.params, self.base.info, self.base.tokenizer)
+      if jax.process_index() == 0:
+        store.write_json(record, {"source": self._base_source()})
+    if jax.process_index() == 0:
+      path = os.path.join(self.workdir, "config.json")
+      new = json.loads(json.dumps(self.cfg.to_dict(), default=str))
+      if store.exists(path):
+        old = store.read_json(path, "run config")
+        if old == new:
+          return
+        n = 1
+        while store.exists(os.path.join(self.workdir, f"config.{n}.json")):
+          n += 1
+        epath.Path(path).rename(os.path.join(self.workdir, f"config.{n}.json"))
+        log.info("the config differs from this workdir's last one, kept as config.%d.json", n)
+      store.write_json(path, new)
 
   def _check_batch_sizes(self) -> None:
     cfg = self.cfg
@@ -223,6 +261,36 @@ class Stream:
     parts = [sources_lib.fingerprint_part(self.data.sources[n]) for n in names]
     return [p for p in parts if p is not None]
 
+  def _routing_adapter(self, i: int) -> tuple[str, str]:
+    """(directory, fingerprint) of task i's expert and routing vectors."""
+    task = self.cfg.tasks[i]
+    return (os.path.join(self.workdir, "adapters", task),
+            self._train_fp(task, i, self.cfg.stage_b, *self._data_fp([task])))
+
+  def _sequential_adapter(self, i: int) -> tuple[str, str]:
+    """(directory, fingerprint) of the sequential baseline's LoRA after task i."""
+    tasks = list(self.cfg.tasks[:i + 1])
+    return (os.path.join(self.workdir, "baselines", "sequential", f"{i}_{tasks[-1]}"),
+            self._train_fp("sequential", tasks, *self._data_fp(tasks)))
+
+  def _mtl_steps(self) -> int:
+    return self.cfg.mtl.steps or self.cfg.stage_a.steps * len(self.cfg.tasks)
+
+  def _mtl_adapter(self) -> tuple[str, str]:
+    tasks = list(self.cfg.tasks)
+    return (os.path.join(self.workdir, "baselines", "mtl"),
+            self._train_fp("mtl", tasks, self._mtl_steps(), *self._data_fp(tasks)))
+
+  def _planned_adapters(self) -> list[tuple[str, str]]:
+    """Every adapter the configured methods reuse or train: (directory, fingerprint)."""
+    methods, n = self.cfg.methods, len(self.cfg.tasks)
+    plan = [self._routing_adapter(i) for i in range(n)] if {"routing", "sequential"} & set(methods) else []
+    if "sequential" in methods:
+      plan += [self._sequential_adapter(i) for i in range(n)]
+    if "mtl" in methods:
+      plan.append(self._mtl_adapter())
+    return plan
+
   # ------------------------------------------------------------------ evaluation
 
   def evaluate_row(self, routing: Routing | None, variables: dict, columns: list[str] | None = None) -> "Row":
@@ -298,7 +366,7 @@ class Stream:
     oracle = {}
     null = self.null_prototypes() if config_lib.inference_routing(cfg, 1).null_expert else None
     for i, task in enumerate(cfg.tasks):
-      directory = os.path.join(self.workdir, "adapters", task)
+      directory, fp = self._routing_adapter(i)
 
       def train(i=i, task=task):
         with self._timed("routing/stage_a"):
@@ -309,7 +377,7 @@ class Stream:
           rt = lora.merge_trees(rt, self.expert_stats(rt, task))
         return ex, rt, self._lora_meta(task=task, index=i, stage_a=sa, stage_b=sb)
 
-      ex, rt = self._load_or_train(directory, self._train_fp(task, i, cfg.stage_b, *self._data_fp([task])), train, with_router=True)
+      ex, rt = self._load_or_train(directory, fp, train, with_router=True)
       experts.append(ex)
       routers.append(rt)
       with self._timed("routing/eval"):
@@ -332,8 +400,8 @@ class Stream:
     rows = [base_row]
     current = self._new_expert(0)
     for i, task in enumerate(cfg.tasks):
-      directory = os.path.join(self.workdir, "baselines", "sequential", f"{i}_{task}")
-      reuse = os.path.join(self.workdir, "adapters", task)
+      directory, fp = self._sequential_adapter(i)
+      reuse, reuse_fp = self._routing_adapter(i)
 
       def train(i=i, task=task, start=current):
         with self._timed("sequential/train"):
@@ -341,10 +409,8 @@ class Stream:
         return ex, None, self._lora_meta(task=task, index=i, stage_a=sa)
 
       if i == 0 and store.isdir(reuse):  # identical to the routing method's first expert (same init/data/steps)
-        fp = self._train_fp(task, 0, cfg.stage_b, *self._data_fp([task]))
-        current, _ = self._load_or_train(reuse, fp, None, with_router=True)
+        current, _ = self._load_or_train(reuse, reuse_fp, None, with_router=True)
       else:
-        fp = self._train_fp("sequential", list(cfg.tasks[:i + 1]), *self._data_fp(cfg.tasks[:i + 1]))
         current, _ = self._load_or_train(directory, fp, train, with_router=False)
       with self._timed("sequential/eval"):
         rows.append(self.evaluate_row(Routing("single", 0), {"experts": current}))
@@ -353,15 +419,15 @@ class Stream:
 
   def run_mtl(self, results: dict, base_row: list[float]) -> None:
     cfg = self.cfg
-    steps = cfg.mtl.steps or cfg.stage_a.steps * len(cfg.tasks)
-    directory = os.path.join(self.workdir, "baselines", "mtl")
+    steps = self._mtl_steps()
+    directory, fp = self._mtl_adapter()
 
     def train():
       with self._timed("mtl/train"):
         ex, sa = self._train_expert("[mtl] all tasks", "mtl", self._new_expert(0), list(cfg.tasks), cfg.seed, steps)
       return ex, None, self._lora_meta(tasks=list(cfg.tasks), stage_a=sa)
 
-    ex, _ = self._load_or_train(directory, self._train_fp("mtl", list(cfg.tasks), steps, *self._data_fp(cfg.tasks)), train, with_router=False)
+    ex, _ = self._load_or_train(directory, fp, train, with_router=False)
     with self._timed("mtl/eval"):
       row = self.evaluate_row(Routing("single", 0), {"experts": ex})
     self._log_row("mtl", len(cfg.tasks), row)
@@ -409,11 +475,13 @@ class Stream:
     self.timings["total"] = time.time() - begin + self.timings.get("load_base", 0) + self.timings.get("data", 0)
     results["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
     if jax.process_index() == 0:
-      store.remove_tree(os.path.join(self.workdir, "state"))  # every stage is committed
+      if not self.eval_only:
+        store.remove_tree(os.path.join(self.workdir, "state"))  # every stage is committed
       store.write_json(os.path.join(self.workdir, results_name), results)
       if results_name == "results.json":
         report.write_all(self.workdir, results)
-      self.writer.close()
+      if self.writer is not None:
+        self.writer.close()
     return results
 
 

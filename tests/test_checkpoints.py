@@ -73,10 +73,15 @@ def test_missing_and_damaged_files_are_clear_errors(setup, tmp_path):
   for name in os.listdir(os.path.join(path, "experts")):
     if name.startswith("ocdbt"):
       shutil.rmtree(os.path.join(path, "experts", name))
-  with pytest.raises(UserError, match="could not be read|damaged"):
+  with pytest.raises(UserError, match=r"broken is damaged: .*experts/d/\w+ is missing"):  # named by the manifest
     store.load_adapter(path, experts, router)
+  path = str(tmp_path / "altered")
+  store.save_adapter(path, experts, router, {})
   with open(os.path.join(path, "metadata.json"), "w") as f:
     f.write("{not json")
+  with pytest.raises(UserError, match=r"altered is damaged: .*metadata.json has 9 bytes"):
+    store.load_adapter(path)
+  os.remove(os.path.join(path, store.MANIFEST))  # a checkpoint from before manifests: the JSON itself is checked
   with pytest.raises(UserError, match="not valid JSON"):
     store.load_adapter(path)
 

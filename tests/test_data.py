@@ -10,6 +10,7 @@ from PIL import Image
 from drex.data import builder, images, pipeline, prompts, record, render, sources, tasks
 from drex.data import tokenizer as tok_lib
 from drex.base import shipped_path, tiny_tokenizer
+from drex.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ def test_tokenizer_roundtrip_and_special_tokens(tokenizer, tmp_path):
   assert again.encode(text) == tokenizer.encode(text)
   with pytest.raises(ValueError, match="has no token"):
     tokenizer.token_id("<quad>")
-  with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+  with pytest.raises(UserError, match="no tokenizer.json or tokenizer.model"):
     tok_lib.Tokenizer.load(str(tmp_path / "missing"))
 
 

@@ -665,6 +665,10 @@ def base_info(directory: str, dtype: str | None = None):
   """(BaseInfo, Tokenizer) of a HF / OpenGVLab checkpoint directory."""
   from drex.checkpoints.store import BaseInfo  # pylint: disable=g-import-not-at-top
   hf = read_json(os.path.join(directory, "config.json"), "checkpoint config")
+  try:
+    layout_of(hf)
+  except UserError as e:
+    raise UserError(f"{directory} is not an InternVL-2 checkpoint: {e}") from None
   tokenizer = load_tokenizer(directory)
   try:
     image_token_id = tokenizer.token_id(IMG_CONTEXT)

@@ -76,6 +76,10 @@ class StageCheckpoint:
                       f"directory to restart the stage from its beginning")
     return state
 
+  def latest_step(self) -> int | None:
+    """The newest saved step, if any."""
+    return self.manager.latest_step()
+
   def save(self, step: int, state: Any, iterator: grain.DatasetIterator, force: bool = False) -> None:
     if not force and step % self.every:
       return

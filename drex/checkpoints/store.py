@@ -9,14 +9,17 @@
 
 Every write goes to a temporary sibling directory (`<name>.tmp`) that is renamed into place only
 when complete, so an interrupted save never leaves a half-written checkpoint under the final name,
-and an existing checkpoint is never overwritten. Every restore checks names and shapes against what
-the model expects and reports each offender in one error. On several hosts every process calls the
-save functions (orbax writes each process's shards; process 0 writes the JSON and renames).
+and an existing checkpoint is never overwritten. A committed directory carries `files.json`, the size
+and SHA-256 of every file in it: a restore first checks them and names the damaged file (truncated,
+missing, altered), then checks names and shapes against what the model expects and reports each
+offender in one error. On several hosts every process calls the save functions (orbax writes each
+process's shards; process 0 writes the JSON, the manifest and renames).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import uuid
@@ -100,12 +103,90 @@ def staging_for(path: str) -> str:
 
 
 def commit(staging: str, path: str) -> None:
-  """Move a finished staging directory into place (process 0, after every process wrote): atomic on a local
-  filesystem; on object stores a copy whose marker (the final name) appears last."""
+  """Move a finished staging directory into place (process 0, after every process wrote), with its manifest:
+  atomic on a local filesystem; on object stores a copy whose marker (the final name) appears last."""
   sync(f"commit {path}")
   if jax.process_index() == 0:
+    write_manifest(staging)
     epath.Path(staging).rename(path)
   sync(f"committed {path}")
+
+
+MANIFEST = "files.json"
+_HASH_LIMIT = 256 << 20  # directories larger than this are checked by file sizes only (reading GBs twice is slow)
+
+
+def _files(directory: str | os.PathLike) -> dict[str, epath.Path]:
+  root = epath.Path(directory)
+  out = {}
+  for folder, _, names in root.walk():
+    for name in names:
+      path = epath.Path(folder) / name
+      out[str(path.relative_to(root))] = path
+  out.pop(MANIFEST, None)
+  return out
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike) -> None:
+  """files.json: {relative path: [size, sha256]} of every file under `directory` (sha256 '' above _HASH_LIMIT)."""
+  files = _files(directory)
+  sizes = {name: path.stat().length for name, path in files.items()}
+  hash_them = sum(sizes.values()) <= _HASH_LIMIT
+  write_json(os.path.join(os.fspath(directory), MANIFEST),
+             {name: [sizes[name], _sha256(path) if hash_them else ""] for name, path in sorted(files.items())})
+
+
+def verify(directory: str | os.PathLike, what: str) -> None:
+  """Check a committed directory against its manifest (directories written before manifests pass)."""
+  manifest_path = os.path.join(os.fspath(directory), MANIFEST)
+  if not exists(manifest_path):
+    return
+  manifest = read_json(manifest_path, f"{what} manifest")
+  files = _files(directory)
+  hash_them = sum(size for size, _ in manifest.values()) <= _HASH_LIMIT
+  for name, (size, digest) in sorted(manifest.items()):
+    where = os.path.join(os.fspath(directory), name)
+    if name not in files:
+      problem = "is missing"
+    elif files[name].stat().length != size:
+      problem = f"has {files[name].stat().length} bytes, {size} were written"
+    elif hash_them and digest and _sha256(files[name]) != digest:
+      problem = "does not match the checksum written with it"
+    else:
+      continue
+    raise UserError(f"{what} is damaged: {where} {problem}; delete {directory} and re-run to make it again")
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+  """One line, before anything is written, when `directory` cannot be created or written; leaves nothing behind
+  (a probe file and any folders made for it are removed again)."""
+  target = epath.Path(directory)
+  made = []
+  try:
+    missing, folder = [], target
+    while not folder.exists() and folder != folder.parent:
+      missing.append(folder)
+      folder = folder.parent
+    for folder in reversed(missing):
+      folder.mkdir()
+      made.append(folder)
+    probe = target / f".drex-write-probe-{uuid.uuid4().hex[:8]}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"cannot write to {directory} ({e.strerror or type(e).__name__}); choose a directory you can "
+                    f"write to") from None
+  finally:
+    for folder in reversed(made):
+      folder.rmdir()
 
 
 def write_tree(path: str, tree: Any) -> None:
@@ -201,11 +282,18 @@ def save_base(directory: str, params: Any, info: BaseInfo, tokenizer: tok_lib.To
 
 
 def load_base_info(directory: str) -> tuple[BaseInfo, tok_lib.Tokenizer]:
-  info = BaseInfo.from_json(read_json(os.path.join(directory, "config.json"), "base config"))
+  config = read_json(os.path.join(directory, "config.json"), "base config")
+  if not isinstance(config, dict) or not {"model", "template", "image"} <= set(config):
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    raise UserError(f"{directory} is neither a drex base (config.json with model, template, image) nor an InternVL-2 "
+                    f"checkpoint with safetensors weights (its config.json has model_type {kind!r}); pass an "
+                    f"InternVL-2 checkpoint directory (OpenGVLab/InternVL2-*) or a drex base")
+  info = BaseInfo.from_json(config)
   return info, tok_lib.Tokenizer.load(directory)
 
 
 def load_base_params(directory: str, expected: Any) -> Any:
+  verify(directory, f"base {directory}")
   return read_tree(os.path.join(directory, "params"), expected, what="base params")
 
 
@@ -234,11 +322,13 @@ def save_tree(directory: str, tree: Any) -> None:
 
 
 def load_tree(directory: str, expected: Any, what: str) -> Any:
+  verify(directory, what)
   return read_tree(os.path.join(directory, "tree"), expected, what)
 
 
 def load_adapter(directory: str, expected_experts: Any | None = None,
                  expected_router: Any | None = None) -> tuple[Any, Any | None, dict]:
+  verify(directory, f"adapter {directory}")
   metadata = read_json(os.path.join(directory, "metadata.json"), "adapter metadata")
   experts = read_tree(os.path.join(directory, "experts"), expected_experts, what=f"adapter {directory}")
   router_path = os.path.join(directory, "router")

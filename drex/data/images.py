@@ -35,6 +35,8 @@ import numpy as np
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+from drex.errors import UserError
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
@@ -53,8 +55,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Inde
                   ZeroDivisionError, zlib.error, Image.DecompressionBombError)
 
 
-class ImageError(ValueError):
-  """An image file or record that cannot be decoded."""
+class ImageError(UserError):
+  """An image file or record that cannot be decoded (damaged input: a one-line message naming the image)."""
 
 
 def _label(source: Any, name: str | None) -> str:

@@ -15,6 +15,8 @@ from etils import epath
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from drex.errors import UserError
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -62,8 +64,8 @@ class Tokenizer:
         return cls(_qwen2_bpe(directory), "hf")
       hint = (" (this checkpoint has a slow vocab.json/merges.txt tokenizer: write tokenizer.json next to it with "
               "`transformers.AutoTokenizer.from_pretrained(DIR, trust_remote_code=True).save_pretrained(DIR)`)")
-    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {directory}{hint}; "
-                            f"copy the checkpoint's tokenizer files there")
+    raise UserError(f"no tokenizer.json or tokenizer.model in {directory}{hint}; copy the checkpoint's tokenizer "
+                    f"files there")
 
   def save(self, directory: str) -> None:
     """Write the tokenizer so that `Tokenizer.load(directory)` gives the same one back."""

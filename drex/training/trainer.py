@@ -21,6 +21,7 @@ import optax
 from tqdm import tqdm
 
 from drex.checkpoints.stage import Preempted, StageCheckpoint, stop_requested
+from drex.errors import UserError
 from drex.models.generation import prompt_positions
 from drex.models.vlm import VLM, answer_loss
 from drex.parallel import Parallel
@@ -65,7 +66,8 @@ def batch_loss(model: VLM, variables: dict, batch: dict) -> tuple[jax.Array, jax
 
 
 def make_train_step(model: VLM, trained: str, optimizer: optax.GradientTransformation) -> Callable:
-  """step(state, frozen_variables, batch) -> (state, {'loss'}) for the collection `trained`."""
+  """step(state, frozen_variables, batch) -> (state, {'loss', 'finite'}) for the collection `trained`;
+  'finite' is False when the loss or the gradient norm is not finite."""
 
   def loss_fn(params, frozen, batch):
     total, count = batch_loss(model, {**frozen, trained: params}, batch)
@@ -75,7 +77,8 @@ def make_train_step(model: VLM, trained: str, optimizer: optax.GradientTransform
     loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    return TrainState(state.step + 1, params, opt_state), {"loss": loss, "finite": finite}
 
   return step
 
@@ -107,7 +110,8 @@ def train(label: str, step_fn: Callable, state: TrainState, frozen: dict, batche
           writer=None) -> tuple[TrainState, dict]:
   """Run a stage to `steps` from state.step (restored from `checkpoint` when one exists).
 
-  Saves to `checkpoint` every checkpoint.every steps and on SIGTERM (then raises Preempted).
+  Saves to `checkpoint` every checkpoint.every steps and on SIGTERM (then raises Preempted). A loss or gradient
+  norm that is not finite raises NonFinite naming the step, before any state after it is saved.
   Returns the final state and {'loss_first', 'loss_last', 'seconds', 'resumed_from'} (+ 'skipped_records',
   the rows made from a later record because a record's images could not be decoded, when there were any).
   """
@@ -116,27 +120,34 @@ def train(label: str, step_fn: Callable, state: TrainState, frozen: dict, batche
   start = int(state.step)
   losses = []
   skipped = 0  # this host's training records passed over because their images could not be decoded
+  unchecked: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet looked at: checked at every sync point
   begin = time.time()
   bar = tqdm(range(start, steps), desc=label, unit="step", leave=False, mininterval=2.0,
              disable=steps <= start or jax.process_index() != 0)
-  for i in bar:
-    local = dict(next(batches))
-    skipped += int(np.sum(local.pop("skipped", 0)))
-    batch = parallel.global_batch(local)
-    with parallel.context():
-      state, metrics = step_fn(state, frozen, batch)
-    if (i + 1) % log_every == 0 or i + 1 == steps or i == start:
-      loss = float(metrics["loss"])
-      losses.append(loss)
-      bar.set_postfix(loss=f"{loss:.3f}")
-      if writer is not None:
-        writer.add_scalar(f"{label}/loss", loss, i + 1)
-    if checkpoint is not None and i + 1 < steps:
-      if _stop_everywhere(i + 1, checkpoint.every):
-        checkpoint.save(i + 1, state, batches, force=True)
-        raise Preempted(f"stopped by SIGTERM at step {i + 1} of {label}; its state is saved in "
-                        f"{checkpoint.directory}: re-run the same command to resume")
-      checkpoint.save(i + 1, state, batches)
+  with bar:  # closed (and cleared) on every exit, so an error message starts on its own line
+    for i in bar:
+      local = dict(next(batches))
+      skipped += int(np.sum(local.pop("skipped", 0)))
+      batch = parallel.global_batch(local)
+      with parallel.context():
+        state, metrics = step_fn(state, frozen, batch)
+      unchecked.append((i + 1, metrics["finite"]))
+      saving = checkpoint is not None and i + 1 < steps and ((i + 1) % checkpoint.every == 0 or stop_requested())
+      if (i + 1) % log_every == 0 or i + 1 == steps or i == start or saving:
+        _check_finite(unchecked, label, checkpoint)
+        unchecked = []
+      if (i + 1) % log_every == 0 or i + 1 == steps or i == start:
+        loss = float(metrics["loss"])
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if writer is not None:
+          writer.add_scalar(f"{label}/loss", loss, i + 1)
+      if checkpoint is not None and i + 1 < steps:
+        if _stop_everywhere(i + 1, checkpoint.every):
+          checkpoint.save(i + 1, state, batches, force=True)
+          raise Preempted(f"stopped by SIGTERM at step {i + 1} of {label}; its state is saved in "
+                          f"{checkpoint.directory}: re-run the same command to resume")
+        checkpoint.save(i + 1, state, batches)
   seconds = time.time() - begin
   summary = {"loss_first": losses[0] if losses else float("nan"), "loss_last": losses[-1] if losses else float("nan"),
              "seconds": round(seconds, 2), "resumed_from": start}
@@ -147,6 +158,25 @@ def train(label: str, step_fn: Callable, state: TrainState, frozen: dict, batche
   log.info("%s: %d steps in %.1fs, loss %.3f -> %.3f", label, steps - start, seconds, summary["loss_first"],
            summary["loss_last"])
   return state, summary
+
+
+class NonFinite(UserError):
+  """The loss or a gradient became NaN or infinite; nothing of the stage was committed."""
+
+
+def _check_finite(unchecked: list[tuple[int, jax.Array]], label: str, checkpoint: StageCheckpoint | None) -> None:
+  """Raise NonFinite at the first step whose loss or gradient norm was not finite (before it can be saved)."""
+  if not unchecked:
+    return
+  flags = np.asarray(jax.device_get([flag for _, flag in unchecked]))
+  if flags.all():
+    return
+  step = unchecked[int(np.argmin(flags))][0]
+  kept = checkpoint.latest_step() if checkpoint is not None else None
+  resume = (f"its last good resume point, step {kept}, is kept in {checkpoint.directory}: fix the config and "
+            f"re-run to resume from there" if kept else "fix the config (e.g. a lower learning rate) and re-run")
+  raise NonFinite(f"{label}: the loss or gradient became NaN/inf at step {step}; the stage stopped and nothing of "
+                  f"it was committed; {resume}")
 
 
 def _stop_everywhere(step: int, every: int) -> bool:

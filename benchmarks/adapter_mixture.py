@@ -1,7 +1,7 @@
 """Benchmark: the Pallas adapter-mixture kernel against plain-JAX (XLA) paths.
 
 Paths (all compute y = scale * sum_e g[t,e] (x @ A[e]) @ B[e] with float32 rank intermediates):
-  pallas      drex.kernels.mixture_pallas.adapter_mixture (default tiles for the backend)
+  pallas      drex.kernels.adapter_mixture (default tiles for the backend)
   xla_dense   drex.adapters.mixture.mixture_reference (two einsums over all experts)
   xla_ragged  tokens sorted by expert (top-k of the gates), jax.lax.ragged_dot down and up,
               scatter-add back
@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drex import kernels
 from drex.adapters.mixture import mixture_reference
-from drex.kernels import mixture_pallas as mp
 
 F32 = jnp.float32
 PEAK_HBM_TBS = 3.35
@@ -60,7 +60,7 @@ L2_BYTES = 50 * 2**20
 
 def path_pallas(x, a, b, g, scale, k, tiles=None):
   del k
-  return mp.adapter_mixture(x, a, b, g, scale, tiles=tiles)
+  return kernels.adapter_mixture(x, a, b, g, scale, tiles=tiles)
 
 
 def path_dense(x, a, b, g, scale, k):
@@ -107,7 +107,7 @@ XLA_CONTRACT_PATHS = ("xla_dense", "xla_ragged", "xla_loop")
 
 def fused_pallas(x, w, bias, a, b, g, scale, k):
   del k
-  return mp.mixed_linear(x, w, bias, a, b, g, scale)
+  return kernels.mixed_linear(x, w, bias, a, b, g, scale)
 
 
 def fused_xla(x, w, bias, a, b, g, scale, k):
@@ -117,7 +117,7 @@ def fused_xla(x, w, bias, a, b, g, scale, k):
 
 
 def perseq_pallas(x, a, b, idx, scale):
-  return mp.per_sequence_lora(x, a, b, idx, scale)
+  return kernels.per_sequence_lora(x, a, b, idx, scale)
 
 
 def perseq_xla(x, a, b, idx, scale):
@@ -277,7 +277,7 @@ def paths_for(case: Case, tune: bool):
         continue
       out.append((name, (lambda fn: lambda x, a, b, g: fn(x, a, b, g, scale, k))(fn), None))
     if tune:
-      base = mp.default_tiles(case.T, case.d, case.d, case.r, case.E, _dtype(case.dtype), "gpu")
+      base = kernels.default_tiles(case.T, case.d, case.d, case.r, case.E, _dtype(case.dtype), "gpu")
       for i, over in enumerate(TUNE[case.cls]):
         t = dataclasses.replace(base, **over)
         if t == base:

@@ -147,6 +147,7 @@ def internvl2_cl_stream(size: str, eval_batch_size: int, fsdp: bool, mode: str |
                                      test="REQUIRED: its evaluation JSONL"),
   })
   c.data.eval_size = 0  # whole published evaluation splits (--config.data.eval_size=500 for a quick estimate)
+  c.data.max_new_tokens = 100  # answer length of sources without their own (your InternVL / LLaVA tasks)
   c.data.workers = 8  # grain processes decoding and tiling 448-px images (a 2B step wants ~50 examples/s)
   if mode == "smoke":
     specs = fixtures.specs(fixtures.DEFAULT_ROOT)

@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 
 from drex.data import metrics
 from drex.data import pipeline
+from drex.data import record as record_lib
 from drex.models.generation import jitted_greedy_generate, prompt_positions
 from drex.models.vlm import VLM
 from drex.parallel import Parallel
@@ -38,6 +39,7 @@ class EvalSet:
   prompt_len: int = 0
   max_new_tokens: int = 0
   left_out: int = 0  # records of the first `size` whose images cannot be read (not scored)
+  failed_decoding: int = 0  # records whose image headers read but whose pixels did not (not scored; this host)
 
   @property
   def size(self) -> int:
@@ -52,41 +54,42 @@ class EvalSet:
     return max(len(self.subset_names), 1)
 
 
-class Subset(Sequence):
-  """The records of `items` at `index`, in that order."""
-
-  def __init__(self, items: Sequence, index: Sequence[int]):
-    self.items, self.index = items, list(index)
-
-  def __len__(self) -> int:
-    return len(self.index)
-
-  def __iter__(self):  # by index: the underlying sources raise ValueError, not IndexError, past the end
-    return (self[i] for i in range(len(self)))
-
-  def __getitem__(self, i):
-    return self.items[self.index[i]]
-
-
 def make_eval_set(name: str, metric: str, source: Sequence[dict], limit: int | None = None,
                   subset_names: Sequence[str] = (), unreadable: Sequence[int] = ()) -> EvalSet:
-  """The first `limit` records of `source` (all if None), never cutting a circular question, without the
-  records listed in `unreadable` (their images cannot be read; counted in `left_out`)."""
-  n = len(source) if not limit else min(limit, len(source))
-  records = [source[i] for i in range(min(n + 8, len(source)))]
-  groups = [int(r["group"]) for r in records]
-  while 0 < n < len(groups) and groups[n] == groups[n - 1]:  # never cut a circular question
-    n -= 1
+  """The first `limit` records of `source` (all if None or 0) without the records listed in `unreadable`
+  (their images cannot be read; counted in `left_out`). A circular question is never cut: the limit moves
+  back to the question's start, or forward to its end if it would otherwise keep nothing. Only the golds,
+  options, groups and subsets are kept in memory (the records stay in `source`)."""
+  total = len(source)
+  n = total if not limit else min(limit, total)
+
+  def fields(i: int) -> tuple[list[str], list[str], int, str]:
+    r = source[i]
+    return list(r["golds"]), list(r["options"]), int(r["group"]), r["subset"]
+
+  kept = [fields(i) for i in range(n)]
+  following = fields(n) if n < total else None
+  if following is not None and kept and following[2] == kept[-1][2]:  # the limit falls inside a question
+    start = n
+    while start > 0 and kept[start - 1][2] == following[2]:
+      start -= 1
+    if start > 0:
+      kept = kept[:start]
+    else:
+      i = n
+      while i < total and (following := fields(i))[2] == kept[-1][2]:
+        kept.append(following)
+        i += 1
   bad = set(unreadable)
-  keep = [i for i in range(n) if i not in bad]
-  first = groups[0] if groups else 0
+  keep = [i for i in range(len(kept)) if i not in bad]
   names = tuple(subset_names)
-  unknown = sorted({records[i]["subset"] for i in keep} - set(names)) if names else []
+  unknown = sorted({kept[i][3] for i in keep} - set(names)) if names else []
   if unknown:
     raise ValueError(f"{name}: records of subsets {unknown} outside the declared {names}")
-  return EvalSet(name, metric, Subset(source, keep), [list(records[i]["golds"]) for i in keep],
-                 [list(records[i]["options"]) for i in keep], [groups[i] - first for i in keep],
-                 [names.index(records[i]["subset"]) if names else 0 for i in keep], names, left_out=n - len(keep))
+  dense = np.unique([kept[i][2] for i in keep], return_inverse=True)[1].reshape(-1) if keep else []
+  return EvalSet(name, metric, record_lib.Subset(source, keep), [kept[i][0] for i in keep], [kept[i][1] for i in keep],
+                 [int(g) for g in dense], [names.index(kept[i][3]) if names else 0 for i in keep], names,
+                 left_out=len(kept) - len(keep))
 
 
 class Evaluator:
@@ -98,7 +101,7 @@ class Evaluator:
 
   def predictions(self, model: VLM, variables: dict, eval_set: EvalSet) -> tuple[list[int], list[str]]:
     """(record indices, answers) of this process's rows."""
-    indices, answers = [], []
+    indices, answers, failed = [], [], 0
     spec = jax.sharding.PartitionSpec(self.parallel.batch_sharding().spec[0])
     encoder = eval_set.encoder
     for batch in pipeline.eval_batches(eval_set.source, encoder, eval_set.prompt_len, self.batch_size,
@@ -113,6 +116,9 @@ class Evaluator:
         if ok:
           indices.append(int(index))
           answers.append(encoder.decode_answer(row))
+        elif index < eval_set.size:
+          failed += 1
+    eval_set.failed_decoding = max(eval_set.failed_decoding, failed)
     return indices, answers
 
   def stats(self, model: VLM, variables: dict, eval_set: EvalSet) -> np.ndarray:

@@ -36,9 +36,10 @@ from drex import base as base_lib
 from drex import cli
 from drex import evaluation
 from drex import parallel
+from drex.task_data import round_up
 from drex.checkpoints import store
 from drex.checkpoints.stage import StageCheckpoint
-from drex.data import builder, pipeline, sources as sources_lib, tasks
+from drex.data import builder, pipeline, record as record_lib, sources as sources_lib, tasks
 from drex.errors import UserError
 from drex.models import presets
 from drex.training import trainer
@@ -83,16 +84,16 @@ def main(argv):
   prefix = builder.PRETRAIN_PREFIX if cfg.data == "pretrain" else ""
   builder.prepare_all([prefix + name for name in tasks.PRETRAIN_MIX] + list(tasks.FOUNDATION), data_dir,
                       processes=os.cpu_count() or 1)
-  embedded = lambda name, split: sources_lib.Mapped(builder.data_source(name, split, data_dir),
+  embedded = lambda name, split: record_lib.Mapped(builder.data_source(name, split, data_dir),
                                                     sources_lib.embedded_record)
   train_sources = [embedded(prefix + name, "train") for name in tasks.PRETRAIN_MIX]
   eval_sets = [evaluation.make_eval_set(name, tasks.get(name).metric, embedded(name, "test"), limit=cfg.eval_size)
                for name in tasks.FOUNDATION]
-  train_len = max(encoder.scan(_Head(src, 2000)).total_max for src in train_sources)  # a sample, + slack
-  prompt_len = _round_up(max(encoder.scan(s.source).prompt_max for s in eval_sets), 8)
+  train_len = max(encoder.scan(record_lib.Subset(src, range(min(2000, len(src))))).total_max for src in train_sources)  # a sample, + slack
+  prompt_len = round_up(max(encoder.scan(s.source).prompt_max for s in eval_sets), 8)
   for eval_set in eval_sets:
     eval_set.encoder, eval_set.prompt_len, eval_set.max_new_tokens = encoder, prompt_len, cfg.max_new_tokens
-  seq_len = _round_up(train_len + 2, 8)
+  seq_len = round_up(train_len + 2, 8)
   log.info("model %s; tokenizer %d tokens; seq_len %d", info.model.llm, tokenizer.vocab_size, seq_len)
 
   optim = trainer.OptimConfig(cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay)
@@ -166,21 +167,6 @@ def _resumable_history(config_path: str, history_path: str, config: dict) -> lis
   return []
 
 
-class _Head:
-  """The first n records of a source."""
-
-  def __init__(self, source, n: int):
-    self.source, self.n = source, min(n, len(source))
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    return self.source[i]
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
 
 
 if __name__ == "__main__":

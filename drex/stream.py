@@ -38,7 +38,7 @@ from drex.adapters import lora, prototypes
 from drex.adapters.routing import Routing
 from drex.checkpoints import store
 from drex.checkpoints.stage import StageCheckpoint
-from drex.data import pipeline, sources as sources_lib
+from drex.data import pipeline, record as record_lib, sources as sources_lib
 from drex.errors import UserError
 from drex.parallel import Parallel
 from drex.training import trainer
@@ -311,11 +311,14 @@ class Stream:
       for c, v in zip(self.columns, row):
         self.writer.add_scalar(f"{method}/{c}", v, index)
 
+  def _sample_size(self) -> int:
+    batch = self.cfg.data.eval_batch_size
+    return max(batch, self.cfg.router.null_sample // batch * batch)
+
   def _sample_batches(self, records, encoder: pipeline.Encoder, prompt_len: int):
     """Unlabeled prompts of a source for routing statistics (router.null_sample of them)."""
-    batch = self.cfg.data.eval_batch_size
-    size = max(batch, self.cfg.router.null_sample // batch * batch)
-    return pipeline.eval_batches(records, encoder, prompt_len, batch, size, jax.process_index(), jax.process_count())
+    return pipeline.eval_batches(records, encoder, prompt_len, self.cfg.data.eval_batch_size, self._sample_size(),
+                                 jax.process_index(), jax.process_count())
 
   def _moments(self, batches, vectors: dict | None = None) -> dict:
     variables = self._variables({"params": None, "experts": self._new_expert(0)})  # B = 0: the base's inputs
@@ -350,13 +353,17 @@ class Stream:
 
   def _foundation_sample(self, name: str) -> tuple:
     """(records, encoder, prompt length) of a foundation member's unlabeled prompts: its train split, or its
-    validation split when it has none (MMBench)."""
+    validation split when it has none (MMBench: the prototypes then see the prompts, not the answers, of the
+    questions it is scored on)."""
     source, encoder = self.data.sources[name], self.data.encoders[name]
     try:
       records = source.records("train")
     except UserError:
+      log.warning("%s has no train split: its null-expert prototype is made from its validation prompts", name)
       records = source.records("validation")
-    return records, encoder, self.data.eval_sets[name].prompt_len
+    sample = record_lib.Subset(records, range(min(len(records), self._sample_size())))
+    longest = encoder.scan(sample).prompt_max
+    return sample, encoder, max(self.data.eval_sets[name].prompt_len, task_data.round_up(longest, 8))
 
   # ------------------------------------------------------------------ methods
 
@@ -470,8 +477,13 @@ class Stream:
     self._log_row("base", 0, base_row)
     for method in cfg.methods:
       getattr(self, f"run_{method}")(results, base_row)
-    if self.data.left_out:  # records whose images could not be read (or that exceed data.seq_len): not used
-      results["left_out"] = dict(self.data.left_out)
+    left_out = dict(self.data.left_out)  # records whose images could not be read (or over data.seq_len): not used
+    for name, eval_set in self.data.eval_sets.items():
+      if eval_set.failed_decoding:
+        key = f"{name}/{cfg.data.eval_split}"
+        left_out[key] = left_out.get(key, 0) + eval_set.failed_decoding
+    if left_out:
+      results["left_out"] = left_out
     self.timings["total"] = time.time() - begin + self.timings.get("load_base", 0) + self.timings.get("data", 0)
     results["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
     if jax.process_index() == 0:

@@ -19,7 +19,7 @@ import ml_collections
 
 from drex import evaluation
 from drex.checkpoints import store
-from drex.data import builder, fixtures, pipeline, sources as sources_lib
+from drex.data import builder, fixtures, pipeline, record as record_lib, sources as sources_lib
 from drex.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def prepare(cfg: ml_collections.ConfigDict, base) -> TaskData:
     if not keep:
       raise UserError(f"{name}: no usable training record (all {len(records)} have unreadable images or exceed "
                       f"data.seq_len)")
-    train[name] = records if len(keep) == len(records) else evaluation.Subset(records, keep)
+    train[name] = records if len(keep) == len(records) else record_lib.Subset(records, keep)
     longest = max(longest, int(scan.total[keep].max()))
     train_prompt[name] = int(scan.prompt[keep].max())
   seq_len = cfg.data.seq_len or round_up(longest, 8)
@@ -96,6 +96,10 @@ def prepare(cfg: ml_collections.ConfigDict, base) -> TaskData:
     _report(left_out, f"{name}/{cfg.data.eval_split}", eval_set.left_out, scan, 0)
     if not eval_set.size:
       raise UserError(f"{name}: no readable record in its {cfg.data.eval_split} split")
+    if not any(g.strip() for golds in eval_set.golds for g in golds):
+      raise UserError(f"{name}: its {cfg.data.eval_split} split has no answers (withheld, as on a benchmark's "
+                      f"server-scored test split); set config.sources.{name}.{cfg.data.eval_split} to a split with "
+                      f"answers")
     eval_set.encoder = encoders[name]
     eval_set.max_new_tokens = src.max_new_tokens or cfg.data.max_new_tokens
     eval_set.prompt_len = int(scan.prompt.max())

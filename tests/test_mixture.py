@@ -1,11 +1,16 @@
 """The plain-JAX adapter mixture against a per-expert loop written from the definition."""
 
+import sys
+
 import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import drex
 from drex.adapters import mixture
+
+BF16 = jnp.bfloat16
 
 
 def _loop(x, a, b, g, scale):
@@ -37,3 +42,26 @@ def test_unknown_kernel_is_an_error():
   with pytest.raises(ValueError, match="unknown adapter kernel 'triton'"):
     mixture.adapter_mixture(jnp.ones((1, 2)), jnp.ones((1, 2, 1)), jnp.ones((1, 1, 2)), jnp.ones((1, 1)), 1.0,
                             kernel="triton")
+
+
+def test_choose_kernel_returns_a_kernel_name():
+  for backend in ("cpu", "gpu", "tpu"):
+    for t in (1, 16, 8192):
+      assert mixture.choose_kernel(t, 4096, 4096, 16, 8, BF16, backend) in ("pallas", "xla")
+  assert mixture.choose_kernel(8192, 4096, 4096, 16, 8, BF16, "cpu") == "xla"
+  assert mixture.choose_kernel(8192, 4096, 4096, 16, 8, BF16, "gpu") == "xla"      # measured: loses
+  assert mixture.choose_kernel(1, 4096, 4096, 64, 32, BF16, "gpu", top_k=2) == "pallas"  # wins
+  assert mixture.choose_kernel(1, 4096, 4096, 64, 32, BF16, "gpu", top_k=32) == "xla"
+
+
+def test_choosing_a_kernel_does_not_import_the_kernel_package(monkeypatch):
+  """'auto' decides beside the mixture; Pallas (drex.kernels) is imported only for 'pallas'."""
+  monkeypatch.delattr(drex, "kernels", raising=False)
+  monkeypatch.setitem(sys.modules, "drex.kernels", None)  # any import of it now fails
+  x = jnp.ones((2, 8), jnp.bfloat16)
+  got = mixture.adapter_mixture(x, jnp.ones((2, 8, 4)), jnp.ones((2, 4, 6)), jnp.ones((2, 2)), 1.0,
+                                kernel="auto", top_k=1)
+  np.testing.assert_allclose(np.asarray(got, np.float32), 64.0)
+  with pytest.raises(ImportError):
+    mixture.adapter_mixture(x, jnp.ones((2, 8, 4)), jnp.ones((2, 4, 6)), jnp.ones((2, 2)), 1.0,
+                            kernel="pallas")

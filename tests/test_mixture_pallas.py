@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from drex.adapters import mixture
-from drex.kernels import mixture_pallas as mp
+from drex import kernels
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -68,8 +68,8 @@ CASES = [
      dict(backend="gpu", interpret=True)),                                # random odd, bf16
     ((20,), 300, 40, 16, 6, 2, BF16,                                      # d_in splits, groups
      dict(backend="gpu", interpret=True,
-          tiles=mp.Tiles(block_t=16, block_k=16, experts_per_down=4, k_splits=4, block_n=16,
-                         experts_per_up=4))),
+          tiles=kernels.Tiles(block_t=16, block_k=16, experts_per_down=4, k_splits=4,
+                              block_n=16, experts_per_up=4))),
     ((19,), 40, 33, 12, 5, 2, F32, dict(backend="tpu", interpret=True)),  # TPU kernels
     ((3,), 130, 20, 4, 3, 3, BF16, dict(backend="tpu", interpret=True)),
 ]
@@ -83,7 +83,7 @@ def test_forward_and_backward_match_reference(lead, d_in, d_out, r, E, k, dtype,
   x, a, b, g = make_inputs(np.random.default_rng(d_in * 31 + E), lead, d_in, d_out, r, E, k,
                            dtype)
   scale = 2.0 / r
-  kern = lambda *v: mp.adapter_mixture(*v, **opts)
+  kern = lambda *v: kernels.adapter_mixture(*v, **opts)
   y, grads = _loss_and_grads(kern, x, a, b, g, scale)
   y_ref, grads_ref = _loss_and_grads(mixture.mixture_reference, x, a, b, g, scale)
   assert y.dtype == dtype and y.shape == lead + (d_out,)
@@ -98,9 +98,9 @@ def test_zero_gated_tiles_are_skipped_correctly():
   x, a, b, g = make_inputs(np.random.default_rng(1), (40,), 32, 24, 8, 4, 2, F32)
   g = g.at[:20].set(0.0).at[:, 3].set(0.0)
   opts = dict(backend="gpu", interpret=True,
-              tiles=mp.Tiles(block_t=16, block_k=16, experts_per_down=1, k_splits=1, block_n=16,
-                             experts_per_up=1))
-  got = mp.adapter_mixture(x, a, b, g, 0.5, **opts)
+              tiles=kernels.Tiles(block_t=16, block_k=16, experts_per_down=1, k_splits=1,
+                                  block_n=16, experts_per_up=1))
+  got = kernels.adapter_mixture(x, a, b, g, 0.5, **opts)
   assert_close(got, mixture.mixture_reference(x, a, b, g, 0.5), F32)
   np.testing.assert_array_equal(np.asarray(got[:16]), 0.0)
 
@@ -122,7 +122,7 @@ def test_mixed_linear_matches_base_plus_mixture(backend):
     return x @ w + bias + mixture.mixture_reference(x, a, b, g, s)
 
   def kern(x, w, bias, a, b, g, s):
-    return mp.mixed_linear(x, w, bias, a, b, g, s, backend=backend, interpret=True)
+    return kernels.mixed_linear(x, w, bias, a, b, g, s, backend=backend, interpret=True)
 
   args = (x, w, bias, a, b, g, jnp.float32(0.5))
   loss = lambda f: jax.jit(jax.value_and_grad(lambda *v: jnp.sum(jnp.sin(f(*v))),
@@ -130,7 +130,7 @@ def test_mixed_linear_matches_base_plus_mixture(backend):
   (l1, g1), (l2, g2) = loss(kern)(*args), loss(ref)(*args)
   assert_close(kern(*args), ref(*args), F32)
   assert_close((l1, g1), (l2, g2), F32, tol=1e-4)
-  no_bias = mp.mixed_linear(x, w, None, a, b, g, 0.5, backend=backend, interpret=True)
+  no_bias = kernels.mixed_linear(x, w, None, a, b, g, 0.5, backend=backend, interpret=True)
   assert_close(no_bias, ref(x, w, 0.0, a, b, g, 0.5), F32)
 
 
@@ -148,7 +148,7 @@ def test_per_sequence_lora_matches_gather(backend, dtype):
     return mixture.mixture_reference(x, a, b, g, s)
 
   def kern(x, a, b, s):
-    return mp.per_sequence_lora(x, a, b, idx, s, backend=backend, interpret=True)
+    return kernels.per_sequence_lora(x, a, b, idx, s, backend=backend, interpret=True)
 
   args = (x, a, b, jnp.float32(0.7))
   loss = lambda f: jax.jit(jax.value_and_grad(
@@ -160,25 +160,15 @@ def test_per_sequence_lora_matches_gather(backend, dtype):
 def test_mismatched_shapes_name_the_shapes():
   x, a, b, g = make_inputs(np.random.default_rng(5), (4,), 8, 6, 2, 3, 1, F32)
   with pytest.raises(ValueError, match=r"x \(4, 9\) has d_in=9 but a \(3, 8, 2\)"):
-    mp.adapter_mixture(jnp.ones((4, 9)), a, b, g, 1.0)
+    kernels.adapter_mixture(jnp.ones((4, 9)), a, b, g, 1.0)
   with pytest.raises(ValueError, match=r"gates \(4, 2\) has 2 experts"):
-    mp.adapter_mixture(x, a, b, g[:, :2], 1.0)
+    kernels.adapter_mixture(x, a, b, g[:, :2], 1.0)
   with pytest.raises(ValueError, match=r"b \(3, 3, 6\) does not match a \(3, 8, 2\)"):
-    mp.adapter_mixture(x, a, jnp.ones((3, 3, 6)), g, 1.0)
+    kernels.adapter_mixture(x, a, jnp.ones((3, 3, 6)), g, 1.0)
   with pytest.raises(ValueError, match=r"w \(8, 5\) must be \[d_in, d_out\]"):
-    mp.mixed_linear(x, jnp.ones((8, 5)), None, a, b, g, 1.0)
+    kernels.mixed_linear(x, jnp.ones((8, 5)), None, a, b, g, 1.0)
   with pytest.raises(ValueError, match=r"expert_index \(3,\) must be \[2\]"):
-    mp.per_sequence_lora(jnp.ones((2, 1, 8)), a, b, jnp.zeros((3,), jnp.int32), 1.0)
-
-
-def test_choose_kernel_returns_a_kernel_name():
-  for backend in ("cpu", "gpu", "tpu"):
-    for t in (1, 16, 8192):
-      assert mp.choose_kernel(t, 4096, 4096, 16, 8, BF16, backend) in ("pallas", "xla")
-  assert mp.choose_kernel(8192, 4096, 4096, 16, 8, BF16, "cpu") == "xla"
-  assert mp.choose_kernel(8192, 4096, 4096, 16, 8, BF16, "gpu") == "xla"      # measured: loses
-  assert mp.choose_kernel(1, 4096, 4096, 64, 32, BF16, "gpu", top_k=2) == "pallas"  # wins
-  assert mp.choose_kernel(1, 4096, 4096, 64, 32, BF16, "gpu", top_k=32) == "xla"
+    kernels.per_sequence_lora(jnp.ones((2, 1, 8)), a, b, jnp.zeros((3,), jnp.int32), 1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +190,7 @@ def test_gpu_forward_and_backward(lead, d_in, d_out, r, E, k, dtype):
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   x, a, b, g = make_inputs(np.random.default_rng(r + E), lead, d_in, d_out, r, E, k, dtype)
-  y, grads = _loss_and_grads(mp.adapter_mixture, x, a, b, g, 0.5)
+  y, grads = _loss_and_grads(kernels.adapter_mixture, x, a, b, g, 0.5)
   with jax.default_matmul_precision("highest"):
     y_ref, grads_ref = _loss_and_grads(mixture.mixture_reference, x, a, b, g, 0.5)
   tol = 2e-2 if dtype == BF16 else 3e-3   # float32: TF32 tensor-core products
@@ -214,7 +204,7 @@ def test_gpu_highest_precision_float32_is_exact():
     pytest.skip("needs a GPU")
   x, a, b, g = make_inputs(np.random.default_rng(7), (100,), 256, 192, 16, 4, 2, F32)
   with jax.default_matmul_precision("highest"):
-    got = jax.jit(lambda *v: mp.adapter_mixture(*v, 0.5))(x, a, b, g)
+    got = jax.jit(lambda *v: kernels.adapter_mixture(*v, 0.5))(x, a, b, g)
     want = mixture.mixture_reference(x, a, b, g, 0.5)
   assert_close(got, want, F32, tol=1e-5)
 
@@ -227,12 +217,12 @@ def test_gpu_fused_and_per_sequence():
   x, a, b, g = make_inputs(rng, (300,), 512, 320, 16, 8, 2, BF16)
   w = jnp.asarray(rng.normal(size=(512, 320)) / 20, BF16)
   bias = jnp.asarray(rng.normal(size=(320,)), BF16)
-  got = jax.jit(lambda *v: mp.mixed_linear(*v, 0.5))(x, w, bias, a, b, g)
+  got = jax.jit(lambda *v: kernels.mixed_linear(*v, 0.5))(x, w, bias, a, b, g)
   want = (jnp.dot(x, w, preferred_element_type=F32) + bias.astype(F32)
           + mixture.mixture_reference(x, a, b, g, 0.5).astype(F32))
   assert_close(got, want, BF16)
   xs = x[:288].reshape(4, 72, 512)
   idx = jnp.asarray([3, 0, 7, 3], jnp.int32)
-  got = jax.jit(lambda *v: mp.per_sequence_lora(*v, idx, 0.5))(xs, a, b)
+  got = jax.jit(lambda *v: kernels.per_sequence_lora(*v, idx, 0.5))(xs, a, b)
   one_hot = jnp.repeat(jax.nn.one_hot(idx, 8, dtype=F32)[:, None], 72, axis=1)
   assert_close(got, mixture.mixture_reference(xs, a, b, one_hot, 0.5), BF16)

@@ -116,3 +116,40 @@ def test_real_data_stream_reevaluates_from_disk(cl_smoke):
   again = Stream(cfg, workdir, eval_only=True).run("evaluation.json")
   for method, entry in results["methods"].items():
     assert again["methods"][method]["matrix"] == entry["matrix"], method
+
+
+def test_adapter_identity_follows_training_data_only(tmp_path):
+  """A source's training identity changes with its training file and prompt, not with evaluation settings."""
+  train = tmp_path / "train.json"
+  train.write_text(json.dumps([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+  spec = dict(kind="llava", train=str(train), test=str(train))
+  part = lambda **kw: sources.fingerprint_part(sources.get("t", {"t": sources.make_spec(**{**spec, **kw})}))
+  same = part()
+  assert part(metric="anls") == part(max_new_tokens=50) == part(test=str(tmp_path / "other.json")) == same
+  assert part(prompt_suffix=" Answer briefly.") != same and part(max_tiles=3) != same
+  train.write_text(json.dumps([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "b"}]}]))
+  assert part() != same  # the file was edited
+  assert sources.fingerprint_part(sources.get("generic_kind")) is None  # embedded fingerprints as before
+  with pytest.raises(UserError, match="does not read"):
+    sources.get("generic_kind", {"generic_kind": {"kind": "embedded", "path": "/data"}})
+
+
+def test_eval_set_keeps_whole_circular_questions():
+  from drex import evaluation  # pylint: disable=g-import-not-at-top
+  from drex.data import record  # pylint: disable=g-import-not-at-top
+  recs = [record.make([("q", "A")], group=g) for g in (7, 7, 7, 3, 3, 9)]
+  assert evaluation.make_eval_set("mc", "circular_mc", recs, limit=4).size == 3  # back to the question's start
+  first = evaluation.make_eval_set("mc", "circular_mc", recs, limit=1)
+  assert first.size == 3 and first.groups == [0, 0, 0]  # forward to its end rather than nothing
+  every = evaluation.make_eval_set("mc", "circular_mc", recs)
+  assert every.groups == [1, 1, 1, 0, 0, 2] and every.num_groups == 3  # ids remapped densely, any order
+
+
+def test_withheld_answers_are_refused(tmp_path):
+  (tmp_path / "test.json").write_text(json.dumps([
+      {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}] * 2))
+  cfg = config_lib.stream_config()
+  cfg.tasks, cfg.foundation = ("generic_add",), ("hidden",)
+  cfg.sources = {"hidden": sources.make_spec("llava", test=str(tmp_path / "test.json"))}
+  with pytest.raises(UserError, match="has no answers"):
+    task_data.prepare(cfg, base_lib.load())

@@ -5,12 +5,14 @@ For an adapted linear with input tokens `x` and stacked LoRA experts:
     delta[t] = scale * sum_e gates[t, e] * (x[t] @ a[e]) @ b[e]
 
 The rank intermediate `x @ a` is accumulated and kept in float32. Routers (`drex.adapters.routing`)
-only produce `gates`; this module only mixes.
+only produce `gates`; this module mixes, and picks the implementation (`choose_kernel`: plain JAX,
+or the Pallas kernels of `drex.kernels`, imported only when chosen).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,19 +43,52 @@ def mixture_reference(x: jax.Array, a: jax.Array, b: jax.Array, gates: jax.Array
 def adapter_mixture(x: jax.Array, a: jax.Array, b: jax.Array, gates: jax.Array, scale: float,
                     kernel: str = "xla", top_k: int | None = None) -> jax.Array:
   """Mixture of LoRA experts; `kernel` picks the implementation: 'xla', 'pallas', or 'auto' (the
-  faster one for this shape and backend, from the measurements behind
-  `drex.kernels.mixture_pallas.choose_kernel`; `top_k` = experts per token when known).
+  faster one for this shape and backend, from the measurements behind `choose_kernel`; `top_k` =
+  experts per token when known).
 
   Shapes as in `mixture_reference`.
   """
   if kernel == "auto":
-    from drex.kernels import mixture_pallas  # pylint: disable=g-import-not-at-top
     num_tokens = math.prod(x.shape[:-1])
-    kernel = mixture_pallas.choose_kernel(num_tokens, x.shape[-1], b.shape[-1], a.shape[-1], a.shape[0], x.dtype,
-                                          top_k=top_k)
+    kernel = choose_kernel(num_tokens, x.shape[-1], b.shape[-1], a.shape[-1], a.shape[0], x.dtype,
+                           top_k=top_k)
   if kernel == "xla":
     return mixture_reference(x, a, b, gates, scale)
   if kernel == "pallas":
-    from drex.kernels import mixture_pallas  # pylint: disable=g-import-not-at-top
-    return mixture_pallas.adapter_mixture(x, a, b, gates, scale)
+    from drex import kernels  # pylint: disable=g-import-not-at-top
+    return kernels.adapter_mixture(x, a, b, gates, scale)
   raise ValueError(f"unknown adapter kernel {kernel!r}; use one of {KERNELS}")
+
+
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def choose_kernel(num_tokens: int, d_in: int, d_out: int, rank: int, num_experts: int,
+                  dtype: Any, backend: str | None = None, *, top_k: int | None = None) -> str:
+  """'pallas' or 'xla' for one adapted linear, from the H100 measurements in benchmarks/results/.
+
+  Measured on an H100 80GB HBM3 (jax 0.11.2, `benchmarks/adapter_mixture.py --quick --tune`),
+  speed-up of the Pallas kernels (`drex.kernels`) over the best plain-JAX path (xla_dense /
+  ragged_dot / loop):
+    prefill (T = 4096..16384), bf16: 0.64-0.83x; float32: 0.28x          -> 'xla'
+    decode T=16..64, E=8..32, r=16..64: 0.62-0.98x                        -> 'xla'
+    decode T=8, dense gates (k=E=16): 1.00x                               -> 'xla'
+    decode T=1, sparse top-k (E=32 k=2 r=64; E=8 k=1 r=16), bf16: 1.11x, 1.08x -> 'pallas'
+  The only wins come from skipping the experts a single token is not routed to; XLA's dense
+  path reads every expert. So: 'pallas' on GPU for one token per call (per adapted linear) with
+  sparse gates (`top_k` < num_experts, or `top_k` unknown) in a 16-bit dtype; 'xla' otherwise.
+  CPU runs the kernels interpreted (slow) and TPU is unmeasured: 'xla' there.
+  `d_in`, `d_out` and `rank` do not change the choice in the measured range (d 2048-4096,
+  r 8-64). `backend`: 'gpu' (or 'cuda', 'rocm'), 'tpu' or 'cpu'; default `jax.default_backend()`.
+  """
+  platform = (backend or jax.default_backend()).lower()
+  if platform not in _GPU_PLATFORMS + ("tpu", "cpu"):
+    raise ValueError(f"unsupported backend {backend!r}; use 'gpu', 'tpu' or 'cpu'")
+  if platform not in _GPU_PLATFORMS:
+    return "xla"
+  del d_in, d_out, rank
+  sparse = top_k is None or top_k < num_experts
+  small_float = jnp.dtype(dtype).itemsize <= 2
+  if num_tokens <= 1 and num_experts >= 2 and sparse and small_float:
+    return "pallas"
+  return "xla"

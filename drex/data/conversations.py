@@ -50,6 +50,7 @@ examples.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -284,6 +285,32 @@ def read_internvl_meta(meta_path: PathLike) -> list[dict]:
       source, item = items[i]
       records.append(conversation_record(item, root, group=len(records), source=source))
   return records
+
+
+_HASHED_UP_TO = 256 << 20  # annotation files up to this size are identified by content, larger ones by size + mtime
+
+
+def files_identity(path: PathLike) -> list[tuple[str, int, str]]:
+  """(path, size, sha256 or mtime) of an annotation file and, for a meta JSON, of every annotation file it
+  names: what the records read from `path` depend on (an edited file changes it; images are not included)."""
+  path = _full(path)
+  files = [path]
+  if not str(path).endswith((".jsonl", ".json")) or is_meta(path):
+    meta = _load_json(_read_text(path, "meta file"), path, "meta file")
+    base = epath.Path(path).parent
+    files += [_join(str(base), e["annotation"]) for e in meta.values() if isinstance(e, dict) and "annotation" in e]
+  out = []
+  for f in files:
+    st = epath.Path(f).stat()
+    content = (hashlib.sha256(epath.Path(f).read_bytes()).hexdigest() if st.length <= _HASHED_UP_TO
+               else f"mtime {st.mtime}")
+    out.append((str(f), st.length, content))
+  return out
+
+
+def is_meta(path: str) -> bool:
+  """A .json file holding an object (a meta file) rather than a list (LLaVA records)."""
+  return str(path).endswith(".json") and _read_text(path, "meta file").lstrip().startswith("{")
 
 
 # ----------------------------------------------------------------------------- fixture

@@ -51,8 +51,13 @@ def ensure(root: str = DEFAULT_ROOT, size: int = 8) -> str:
     bench.write_fixture(os.path.join(staging, kind), seed=0, size=size)
   conversations.write_fixture(os.path.join(staging, "conversations"), seed=0, size=size)
   open(os.path.join(staging, _DONE), "w").close()
-  if os.path.exists(root):  # an older or incomplete copy
-    shutil.rmtree(root)
+  if os.path.exists(root) and not os.path.exists(os.path.join(root, _DONE)):  # an older or incomplete copy
+    shutil.rmtree(root, ignore_errors=True)
   os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-  os.rename(staging, root)
+  try:
+    os.rename(staging, root)
+  except OSError:  # another process put its (identical) complete copy there first
+    shutil.rmtree(staging, ignore_errors=True)
+    if not os.path.exists(os.path.join(root, _DONE)):
+      raise
   return root

@@ -78,7 +78,8 @@ class Encoder:
     share = spec.max_tiles // max(num_images, 1)
     if share < 1:
       raise images_lib.ImageError(f"a record with {num_images} images does not fit {spec.max_tiles} tile slots; "
-                                  f"raise data.max_tiles")
+                                  f"raise the source's max_tiles (config.sources.<name>.max_tiles or "
+                                  f"data.max_tiles)")
     if num_images <= 1:
       return spec.max_tiles - 1 if spec.use_thumbnail and spec.max_tiles > 1 else spec.max_tiles
     return share - 1 if spec.use_thumbnail and share > 2 else (share if not spec.use_thumbnail else 1)
@@ -157,7 +158,8 @@ class Encoder:
     pixels, counts = self.pixels(record["images"], num_tiles)
     prompt = self.prompt_ids(record, counts)
     if len(prompt) > prompt_len:
-      raise ValueError(f"prompt of {len(prompt)} tokens does not fit prompt_len={prompt_len}; raise data.seq_len")
+      raise ValueError(f"prompt of {len(prompt)} tokens does not fit prompt_len={prompt_len} (prompt lengths are "
+                       f"measured on the data: this record was not among those measured)")
     pad = prompt_len - len(prompt)
     return {"pixel_values": pixels, "input_ids": np.array([self.pad_id] * pad + prompt, np.int32),
             "attention_mask": np.array([0] * pad + [1] * len(prompt), np.int32)}

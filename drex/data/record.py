@@ -20,7 +20,8 @@ A record is a plain dict:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 IMAGE_PLACEHOLDER = "<image>"
 KEYS = ("images", "turns", "golds", "options", "group", "subset")
@@ -39,3 +40,35 @@ def make(turns: Sequence[tuple[str, str]], images: Sequence[Any] = (), golds: Se
 def text(value) -> str:
   """A TFDS text feature (bytes) or a str, as str."""
   return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Mapped(Sequence):
+  """A random-access view applying `fn` to each element of `items` (grain's MapDataset.map, but indexable)."""
+
+  def __init__(self, items: Sequence, fn: Callable[[Any], Any]):
+    self.items, self.fn = items, fn
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def __iter__(self):  # by index: TFDS sources raise ValueError, not IndexError, past the end
+    return (self[i] for i in range(len(self)))
+
+  def __getitem__(self, i):
+    return self.fn(self.items[i])
+
+
+class Subset(Sequence):
+  """The elements of `items` at `index`, in that order."""
+
+  def __init__(self, items: Sequence, index: Sequence[int]):
+    self.items, self.index = items, list(index)
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __getitem__(self, i):
+    return self.items[self.index[i]]

@@ -64,32 +64,17 @@ class Source:
   max_new_tokens: int  # 0 = the stream's data.max_new_tokens
   max_tiles: int  # 0 = the stream's data.max_tiles / the base's
   subsets: tuple[str, ...] = ()  # parts scored on their own, then averaged (ChartQA human / augmented)
-  spec: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # resolved, for fingerprints
+  spec: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # as resolved
   open_split: Callable[[str], Sequence[dict]] = dataclasses.field(default=None, compare=False, repr=False)
+  # What the training records depend on (their files' identity, prompt suffix, tiles), for adapter
+  # fingerprints; evaluation-only fields (test split, metric, answer length) are not part of it.
+  train_identity: Callable[[], Any] = dataclasses.field(default=lambda: None, compare=False, repr=False)
 
   def records(self, split: str) -> Sequence[dict]:
     """drex.data.record records of one of SPLITS."""
     if split not in SPLITS:
       raise UserError(f"unknown split {split!r} for {self.name}; use one of {SPLITS}")
     return self.open_split(split)
-
-
-class Mapped(Sequence):
-  """A random-access view applying `fn` to each element (what grain's MapDataset.map does, but indexable)."""
-
-  def __init__(self, items: Sequence, fn: Callable[[Any], Any]):
-    self.items, self.fn = items, fn
-
-  def __len__(self) -> int:
-    return len(self.items)
-
-  def __iter__(self):  # by index: the underlying sources raise ValueError, not IndexError, past the end
-    return (self[i] for i in range(len(self)))
-
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(len(self)))]
-    return self.fn(self.items[i])
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -100,12 +85,21 @@ def _embedded(name: str, spec: dict, data_dir: str) -> Source:
   if task is None:
     raise UserError(f"unknown task {name!r}: not an embedded task ({', '.join(tasks.TASKS)}) and no "
                     f"config.sources.{name} entry gives its source")
+  unused = [k for k in ("path", "train", "validation", "test", "image_root") if spec[k]]
+  if unused:
+    raise UserError(f"config.sources.{name} sets {unused}, which an embedded task does not read; remove them or set "
+                    f"its kind")
+  suffix = "" if spec["prompt_suffix"] == DEFAULT_SUFFIX else spec["prompt_suffix"]
 
   def open_split(split: str) -> Sequence[dict]:
-    return Mapped(builder.data_source(name, split, data_dir), embedded_record)
+    records = record_lib.Mapped(builder.data_source(name, split, data_dir), embedded_record)
+    return record_lib.Mapped(records, functools.partial(_with_suffix, suffix=suffix)) if suffix else records
+
+  def identity():  # None when nothing is set: embedded fingerprints stay those of earlier drex versions
+    return ("embedded", suffix, spec["max_tiles"]) if suffix or spec["max_tiles"] else None
 
   return Source(name, "embedded", spec["metric"] or task.metric, spec["max_new_tokens"], spec["max_tiles"],
-                spec=spec, open_split=open_split)
+                spec=spec, open_split=open_split, train_identity=identity)
 
 
 def embedded_record(r: dict) -> dict:
@@ -126,32 +120,47 @@ def _benchmark(name: str, spec: dict, data_dir: str) -> Source:
       raise UserError(f"{name} ({spec['kind']}) has no {split} split; set config.sources.{name}.{split} to one of "
                       f"its published splits")
     built = benchmarks.prepare(spec["kind"], spec["path"], data_dir)
-    return Mapped(built.as_data_source(splits[split]),
-                  functools.partial(benchmarks.to_record, prompt_suffix=suffix))
+    if splits[split] not in built.info.splits:
+      raise UserError(f"{name}: the {spec['kind']} copy at {spec['path']} has no '{splits[split]}' split (it has "
+                      f"{', '.join(built.info.splits) or 'none'}; expected {bench.builder.LAYOUT}); add its files or "
+                      f"set config.sources.{name}.{split}")
+    return record_lib.Mapped(built.as_data_source(splits[split]),
+                             functools.partial(benchmarks.to_record, prompt_suffix=suffix))
+
+  tiles = spec["max_tiles"] or bench.max_tiles
+
+  def identity():
+    return (spec["kind"], splits["train"], suffix, tiles, benchmarks.dataset_key(spec["kind"], spec["path"]))
 
   return Source(name, spec["kind"], spec["metric"] or bench.metric, spec["max_new_tokens"] or bench.max_new_tokens,
-                spec["max_tiles"] or bench.max_tiles, tuple(bench.subsets), {**spec, **splits}, open_split)
+                tiles, tuple(bench.subsets), {**spec, **splits}, open_split, identity)
 
 
 def _conversations(name: str, spec: dict, data_dir: str) -> Source:
   del data_dir  # read in place: only the annotation files are loaded, images are decoded lazily
   suffix = "" if spec["prompt_suffix"] == DEFAULT_SUFFIX else spec["prompt_suffix"]
 
+  @functools.cache  # each annotation file is parsed once per run
   def read(path: str) -> list[dict]:
     if spec["kind"] == "llava":
       return conversations.read_llava_json(path, spec["image_root"] or str(epath.Path(path).parent))
     if path.endswith(".jsonl"):
       return conversations.read_internvl_jsonl(path, spec["image_root"] or str(epath.Path(path).parent))
-    return conversations.read_internvl_meta(path)
+    if conversations.is_meta(path):
+      return conversations.read_internvl_meta(path)
+    return conversations.read_llava_json(path, spec["image_root"] or str(epath.Path(path).parent))  # a JSON list
 
   def open_split(split: str) -> Sequence[dict]:
     if not spec[split]:
       raise UserError(f"{name} ({spec['kind']}) has no {split} split; set config.sources.{name}.{split} to its file")
     records = read(spec[split])
-    return Mapped(records, functools.partial(_with_suffix, suffix=suffix)) if suffix else records
+    return record_lib.Mapped(records, functools.partial(_with_suffix, suffix=suffix)) if suffix else records
+
+  def identity():
+    return (spec["kind"], spec["image_root"], suffix, spec["max_tiles"], conversations.files_identity(spec["train"]))
 
   return Source(name, spec["kind"], spec["metric"] or "exact_match", spec["max_new_tokens"], spec["max_tiles"],
-                spec=spec, open_split=open_split)
+                spec=spec, open_split=open_split, train_identity=identity)
 
 
 def _with_suffix(r: dict, suffix: str) -> dict:
@@ -195,9 +204,10 @@ def get(name: str, specs: Mapping[str, Any] | None = None, data_dir: str = build
   return KINDS[spec["kind"]](name, spec, data_dir)
 
 
-def fingerprint_part(source: Source) -> Any:
-  """What identifies a source's training data in an adapter's fingerprint (None for embedded tasks, so
-  the fingerprints of embedded streams are those of earlier drex versions)."""
-  if source.kind == "embedded" and source.spec == SPEC_FIELDS | {"kind": "embedded"}:
+def fingerprint_part(source: Source) -> str | None:
+  """A short hash of what a source's training records depend on (None for a plain embedded task, so the
+  fingerprints of embedded streams are those of earlier drex versions)."""
+  identity = source.train_identity()
+  if identity is None:
     return None
-  return hashlib.sha256(json.dumps(dict(source.spec), sort_keys=True, default=str).encode()).hexdigest()[:16]
+  return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -10,7 +10,8 @@ the stored features, the builder base, prepare, to_record and the registry.
 
 from drex.data.benchmarks import common
 from drex.data.benchmarks import chartqa, docvqa, mmbench, scienceqa, textvqa
-from drex.data.benchmarks.common import BENCHMARKS, MC_SUFFIX, VQA_SUFFIX, Benchmark, prepare, register, to_record
+from drex.data.benchmarks.common import (BENCHMARKS, MC_SUFFIX, VQA_SUFFIX, Benchmark, dataset_key, prepare, register,
+                                         to_record)
 
 register(Benchmark("chartqa", chartqa.ChartQA, "relaxed_accuracy", VQA_SUFFIX, 100, 13,
                    {"train": "train", "validation": "val", "test": "test"}, chartqa.write_fixture,
@@ -24,4 +25,4 @@ register(Benchmark("textvqa", textvqa.TextVQA, "vqa_accuracy", VQA_SUFFIX, 10, 7
 register(Benchmark("scienceqa", scienceqa.ScienceQA, "mc_accuracy", MC_SUFFIX, 100, 7,
                    {"train": "train", "validation": "val", "test": "test"}, scienceqa.write_fixture))
 
-__all__ = ["BENCHMARKS", "Benchmark", "common", "prepare", "to_record"]
+__all__ = ["BENCHMARKS", "Benchmark", "common", "dataset_key", "prepare", "to_record"]

@@ -220,6 +220,13 @@ def cache_key(builder_cls: type[BenchmarkBuilder], manual_dir: epath.Path, files
 _PREPARED: dict[tuple[str, str], BenchmarkBuilder] = {}
 
 
+def dataset_key(kind: str, manual_dir: str) -> str:
+  """The cache key `prepare` builds under, without building: what a benchmark's records depend on."""
+  cls = BENCHMARKS[kind].builder
+  manual = _manual_path(manual_dir)
+  return cache_key(cls, manual, cls.annotation_files(manual))
+
+
 def prepare(kind: str, manual_dir: str, data_dir: str) -> BenchmarkBuilder:
   """Build (once per manual_dir and annotation files' sizes/mtimes) and return the builder of a benchmark.
 

@@ -39,8 +39,9 @@ def _tpu_params(cfg: KernelConfig, semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _blk_down_kernel(x_ref, a_ref, g_ref, z_ref, *, precision):
-  k = pl.program_id(1)
+def _accumulate_down(x_ref, a_ref, z_ref, k_axis, weight, precision):
+  """z += x @ a over the d_in grid axis `k_axis`; at its last step z *= weight() (gates, scale)."""
+  k = pl.program_id(k_axis)
 
   @pl.when(k == 0)
   def _():
@@ -48,9 +49,13 @@ def _blk_down_kernel(x_ref, a_ref, g_ref, z_ref, *, precision):
 
   z_ref[...] += dot(x_ref[...], a_ref[...], precision)
 
-  @pl.when(k == pl.num_programs(1) - 1)
+  @pl.when(k == pl.num_programs(k_axis) - 1)
   def _():
-    z_ref[...] = z_ref[...] * g_ref[...]
+    z_ref[...] = z_ref[...] * weight()
+
+
+def _blk_down_kernel(x_ref, a_ref, g_ref, z_ref, *, precision):
+  _accumulate_down(x_ref, a_ref, z_ref, 1, lambda: g_ref[...], precision)
 
 
 def _blk_up_kernel(z_ref, b_ref, y_ref, *, precision):
@@ -132,19 +137,9 @@ def forward(cfg: KernelConfig, x, a, b, gates, scale, w=None, bias=None):
 
 
 def _blk_seq_down_kernel(idx_ref, gs_ref, x_ref, a_ref, z_ref, *, precision):
-  del idx_ref
-  k = pl.program_id(2)
+  del idx_ref  # used by the index maps only
   gsv = gs_ref[pl.program_id(0)]
-
-  @pl.when(k == 0)
-  def _():
-    z_ref[...] = jnp.zeros_like(z_ref)
-
-  z_ref[...] += dot(x_ref[...], a_ref[...], precision)
-
-  @pl.when(k == pl.num_programs(2) - 1)
-  def _():
-    z_ref[...] = z_ref[...] * gsv
+  _accumulate_down(x_ref, a_ref, z_ref, 2, lambda: gsv, precision)
 
 
 def _blk_seq_up_kernel(idx_ref, gs_ref, z_ref, b_ref, y_ref, *, precision):

@@ -6,7 +6,7 @@ train step and one greedy generation on ONE real-sized example; compile and run 
 Model: the `internvl2_1b` preset (InternViT-300M-448px + pixel shuffle + mlp1 + Qwen2-0.5B, ~0.94e9 params)
 initialised under jit straight into bf16 (no fp32 copy of the params), a routed LoRA bank of 2 experts (rank 16,
 alpha 32, all seven LLM linears; B small random so the expert branch does work and A gets gradients), random
-routing vectors, top-k routing (Routing('topk', k=2)). Example: a 1344x896 synthetic chart PNG read through
+routing vectors, top-k routing (routers.TopK(k=2)). Example: a 1344x896 synthetic chart PNG read through
 drex.data.images.load_image, cut by dynamic_tiles (max 6 grid tiles) into 3x2 tiles of 448 px + the thumbnail
 = 7 tiles = 1792 <IMG_CONTEXT> tokens, in a Hermes-2 (InternVL2-1B) chat layout whose text ids are arbitrary
 vocabulary ids (no tokenizer needed), with a 16-token answer.
@@ -51,7 +51,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from drex.adapters import lora  # pylint: disable=g-import-not-at-top
-from drex.adapters.routing import Routing
+from drex.adapters import routers
 from drex.data import images
 from drex.models import presets
 from drex.models.config import VLMConfig
@@ -80,7 +80,7 @@ def nbytes(tree) -> int:
 def build(preset: str = "internvl2_1b", num_experts: int = 2, rank: int = 16, k: int = 2, seed: int = 0) -> Setup:
   """The preset with random bf16 params, a routed LoRA bank and random routing vectors."""
   cfg = presets.get(preset)
-  model, size = VLM(cfg, lora.AdapterSpec(Routing("topk", k=k), lora_alpha=2.0 * rank)), cfg.vision.image_size
+  model, size = VLM(cfg, lora.AdapterSpec(routers.TopK(k=k), lora_alpha=2.0 * rank)), cfg.vision.image_size
 
   def init(key):  # traced once: params come out in cfg.param_dtype (bf16), never as an fp32 copy
     px, ids = jnp.zeros((1, 1, size, size, 3), jnp.float32), jnp.zeros((1, 8), jnp.int32)

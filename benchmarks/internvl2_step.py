@@ -7,7 +7,7 @@ stage-A LoRA train step at a realistic batch; tokens/s and peak device memory.
 
 What is timed (each a jitted program, compiled first, then `--iters` calls after `--warmup` calls, each
 ended by block_until_ready; median and mean over calls):
-  forward     VLM logits for the whole batch with the LoRA expert applied (Routing single(0)):
+  forward     VLM logits for the whole batch with the LoRA expert applied (routers.Single(0)):
               InternViT on every tile, pixel shuffle, mlp1, decoder.
   train_step  drex.training.trainer.make_train_step(model, "experts", AdamW): loss on answer tokens,
               gradients w.r.t. the LoRA expert only (base frozen), optimizer update (state donated).
@@ -40,12 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from drex import base as base_lib  # pylint: disable=g-import-not-at-top
 from drex.adapters import lora
-from drex.adapters.routing import Routing
+from drex.adapters import routers
 from drex.data.pipeline import ImageSpec
 from drex.models import presets
 from drex.models.config import VLMConfig
-from drex.models.generation import prompt_positions
-from drex.models.vlm import VLM
+from drex.models.vlm import VLM, model_inputs
 from drex.training import trainer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -129,7 +128,7 @@ def main(argv=None):
   print(f"{name}: {device.device_kind} ({jax.default_backend()}), batch {args.batch} x {args.seq} tokens, "
         f"{args.tiles} tile(s)/sequence", flush=True)
 
-  model = VLM(cfg, lora.AdapterSpec(Routing("single", 0), lora_alpha=args.alpha, kernel=args.kernel))
+  model = VLM(cfg, lora.AdapterSpec(routers.Single(0), lora_alpha=args.alpha, kernel=args.kernel))
   image = ImageSpec(cfg.vision.image_size)
   start = time.perf_counter()
   params = jax.jit(lambda key: base_lib.init_params(VLM(cfg), image, key))(jax.random.key(0))
@@ -144,8 +143,8 @@ def main(argv=None):
   mask = batch["attention_mask"]
 
   def forward(params, experts, batch):
-    logits, _ = model.apply({"params": params, "experts": experts}, batch["pixel_values"], batch["input_ids"],
-                            prompt_positions(mask), mask.astype(bool))
+    logits, _ = model.apply({"params": params, "experts": experts},
+                            *model_inputs(batch["pixel_values"], batch["input_ids"], mask))
     return logits
 
   optimizer = trainer.make_optimizer(trainer.OptimConfig(steps=1000, learning_rate=4e-5, warmup_steps=10))
@@ -166,7 +165,7 @@ def main(argv=None):
     boxed = base_lib.boxed_shapes(VLM(cfg), image)
     base_sh = par.tree_shardings(boxed)
     abstract_experts = jax.eval_shape(new_experts)
-    ex_sh = par.adapter_shardings(boxed, abstract_experts)
+    ex_sh = lora.adapter_shardings(par, boxed, abstract_experts)
     shardings = trainer.state_shardings(optimizer, ex_sh, par, abstract_experts)
     sharded = trainer.compile_step(model, "experts", optimizer, shardings, {"params": base_sh}, par)
     sharded_state = trainer.create_state(par.put(new_experts(), ex_sh), optimizer, shardings)

@@ -19,30 +19,29 @@ import json
 import sys
 
 from drex import config as config_lib
-from drex.adapters import lora
+from drex import stream
+from drex.adapters import lora, routers
 from drex.checkpoints import store
-from drex.stream import Stream
 
 
 def main(workdir: str, subsets: str, settings: str, split: str = "validation") -> None:
   cfg = config_lib.read_run_config(workdir)
   cfg.data.eval_split = split
   run_router = cfg.router.to_dict()
-  cfg.router.null_expert = True  # so that the null prototypes are built (or loaded) once
-  stream = Stream(cfg, workdir, eval_only=True)
-  null = stream.null_prototypes()
+  run = stream.open_run(cfg, workdir, eval_only=True)
+  null = stream.null_prototypes(run)  # built (or loaded) once
   adapters = {task: store.load_adapter(f"{workdir}/adapters/{task}")[:2] for task in cfg.tasks}
   for subset in [tuple(s.split(",")) for s in subsets.split(";")]:
     experts = lora.stack([adapters[t][0] for t in subset])
-    routers = lora.stack([adapters[t][1] for t in subset])
+    vectors = lora.stack([adapters[t][1] for t in subset])
     columns = list(subset) + list(cfg.foundation)
     for setting in [json.loads(s) for s in settings.split(";")]:
       cfg.router.update(k=setting.get("k", run_router["k"]), temperature=setting.get("T", run_router["temperature"]),
                         null_expert=setting.get("null", run_router["null_expert"]),
                         calibrate=setting.get("cal", run_router["calibrate"]))
-      routing = config_lib.inference_routing(cfg, len(subset))
-      router = lora.merge_trees(routers, null) if routing.null_expert else routers
-      row = stream.evaluate_row(routing, {"experts": experts, "router": router}, columns)
+      router = routers.from_config(cfg.router, len(subset))
+      tree = lora.merge_trees(vectors, null) if "null_v" in router.reads() else vectors
+      row = stream.evaluate_row(run, router, {"experts": experts, "router": tree}, columns)
       print(f"{'+'.join(subset)} {json.dumps(setting)}: " + ", ".join(f"{c} {v:.3f}" for c, v in zip(columns, row)),
             flush=True)
 

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import importlib_resources
 
-from drex.adapters.lora import AdapterSpec
 from drex.checkpoints import hf_import, store
 from drex.data import pipeline, prompts, tasks
 from drex.data import tokenizer as tok_lib
 from drex.errors import UserError
+from drex.models.layers import LinearFactory
 from drex.models.vlm import VLM
 from drex.parallel import Parallel
 
@@ -40,8 +40,9 @@ class Base:
   params: Any
   path: str
 
-  def model(self, adapter: AdapterSpec = AdapterSpec()) -> VLM:
-    return VLM(self.info.model, adapter)
+  def model(self, linear: LinearFactory = LinearFactory()) -> VLM:
+    """The VLM of this base; `linear` builds its LLM linears (drex.adapters.lora.AdapterSpec adds experts)."""
+    return VLM(self.info.model, linear)
 
   def encoder(self, max_tiles: int = 0) -> pipeline.Encoder:
     """The base's prompt/image encoder; max_tiles > 0 overrides the checkpoint's tiles per image."""

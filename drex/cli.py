@@ -49,7 +49,26 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str], flag
       walked.append(part)
 
 
-def _precheck(argv: Sequence[str], flag: str) -> None:
+def override_keys(argv: Sequence[str], flag: str = "config") -> list[str]:
+  """The dotted keys of the --config.a.b=value overrides on a command line."""
+  prefix = f"--{flag}."
+  return [arg[len(prefix):].split("=", 1)[0] for arg in argv if arg.startswith(prefix)]
+
+
+def get_field(config: ml_collections.ConfigDict, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
+  *parents, last = key.split(".")
+  for part in parents:
+    config = config[part]
+  config[last] = value
+
+
+def _precheck(argv: Sequence[str], flag: str, default_config: Callable[[], ml_collections.ConfigDict] | None) -> None:
   for i, arg in enumerate(argv):
     if arg.startswith(f"--{flag}="):
       spec = arg.split("=", 1)[1]
@@ -59,6 +78,8 @@ def _precheck(argv: Sequence[str], flag: str) -> None:
       continue
     check_overrides(load_config_file(spec), argv, flag)
     return
+  if default_config is not None:
+    check_overrides(default_config(), argv, flag)
 
 
 def setup_logging() -> None:
@@ -94,9 +115,11 @@ def environment_error(e: BaseException) -> str | None:
   return None
 
 
-def run(main: Callable[[Sequence[str]], None], prog: str) -> None:
-  """absl app.run(main) with config pre-checks, one-line user errors and one-line machine failures (a full
-  disk: what was committed before stays, the next run resumes); anything else is a bug and a traceback."""
+def run(main: Callable[[Sequence[str]], None], prog: str,
+        default_config: Callable[[], ml_collections.ConfigDict] | None = None) -> None:
+  """absl app.run(main) with config pre-checks (against the --config file, else `default_config()`), one-line
+  user errors and one-line machine failures (a full disk: what was committed before stays, the next run
+  resumes); anything else is a bug and a traceback."""
 
   def wrapped(argv):
     from drex.checkpoints import stage  # pylint: disable=g-import-not-at-top
@@ -128,7 +151,7 @@ def run(main: Callable[[Sequence[str]], None], prog: str) -> None:
       os._exit(2)  # not sys.exit: libraries' exit hooks (TensorBoard's flush) would fail on the same disk, loudly
 
   try:
-    _precheck(sys.argv[1:], "config")
+    _precheck(sys.argv[1:], "config", default_config)
   except UserError as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -13,7 +13,7 @@ import os
 import ml_collections
 
 from drex import parallel
-from drex.adapters import lora, routing
+from drex.adapters import lora, routers
 from drex.data import fixtures, sources, tasks
 from drex.errors import UserError
 
@@ -58,29 +58,25 @@ def stream_config() -> ml_collections.ConfigDict:
   c.lora.target_modules = lora.ALL_TARGETS  # LLM linears that get experts
   c.lora.kernel = "xla"  # adapter mixture: 'xla', 'pallas' or 'auto' (per shape, from benchmarks/results)
 
-  c.stage_a = ml_collections.ConfigDict()  # training one task's LoRA expert (also sequential / mtl)
-  c.stage_a.steps = 300  # optimizer steps per task
-  c.stage_a.learning_rate = 1e-3  # peak AdamW learning rate
-  c.stage_a.warmup_steps = 30  # linear warmup steps
-  c.stage_a.weight_decay = 0.0  # AdamW weight decay
+  c.expert_training = ml_collections.ConfigDict()  # training one task's LoRA expert (also sequential / mtl)
+  c.expert_training.steps = 300  # optimizer steps per task
+  c.expert_training.learning_rate = 1e-3  # peak AdamW learning rate
+  c.expert_training.warmup_steps = 30  # linear warmup steps
+  c.expert_training.weight_decay = 0.0  # AdamW weight decay
 
-  c.stage_b = ml_collections.ConfigDict()  # training the routing vectors of the frozen expert
-  c.stage_b.steps = 100  # PHATGOOSE: 100 steps
-  c.stage_b.learning_rate = 5e-3  # PHATGOOSE: 5e-3 (mttl uses 1e-3)
-  c.stage_b.warmup_steps = 6  # ~6% warmup
-  c.stage_b.weight_decay = 0.0  # no decay on routing vectors
+  c.router_training = ml_collections.ConfigDict()  # training the routing vectors of the frozen expert
+  c.router_training.steps = 100  # PHATGOOSE: 100 steps
+  c.router_training.learning_rate = 5e-3  # PHATGOOSE: 5e-3 (mttl uses 1e-3)
+  c.router_training.warmup_steps = 6  # ~6% warmup
+  c.router_training.weight_decay = 0.0  # no decay on routing vectors
 
-  c.router = ml_collections.ConfigDict()  # inference-time routing of the 'routing' method
-  c.router.kind = "topk"  # 'topk' (PHATGOOSE), 'arrow' (training-free), 'dense' (uniform merge)
-  c.router.k = 2  # experts kept per token
-  c.router.temperature = 2.0  # softmax temperature of the routing scores (PHATGOOSE: 1; 2 keeps the base's
-  # foundation skills within 2 pts on the embedded default's validation split, routing_subsets_cpu.md)
-  c.router.null_expert = False  # the base competes as a zero-output expert (prototype of base activations)
-  c.router.null_sample = 512  # unlabeled prompts per prototype / calibration statistic (null expert, calibration)
-  c.router.calibrate = False  # standardize each vector's scores by their mean/std on its own data
+  # The router of the 'routing' method at inference: `kind` (a drex.adapters.routers kind: 'topk' PHATGOOSE,
+  # 'arrow' training-free, 'dense' uniform merge) and every registered router's options, each with its
+  # comment in its class's OPTIONS (k: experts per token, temperature, null_expert, null_sample, calibrate).
+  c.router = routers.config_defaults("topk")  # kind + the registered routers' options (comments in their OPTIONS)
 
   c.mtl = ml_collections.ConfigDict()
-  c.mtl.steps = 0  # steps on the union of all tasks (0 = tasks x stage_a.steps)
+  c.mtl.steps = 0  # steps on the union of all tasks (0 = tasks x expert_training.steps)
 
   c.analysis = ml_collections.ConfigDict()
   c.analysis.routing_batch = 64  # prompts per task for the routing-weight plots
@@ -101,7 +97,7 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
 
   LoRA and stage-A settings follow InternVL's own LoRA fine-tuning recipe
   (internvl_chat/shell/internvl2.0/2nd_finetune/*_lora.sh: rank 16, alpha = 2 r, lr 4e-5, weight decay
-  0.01, 3% warmup, cosine, total batch 16); stage B and inference routing follow PHATGOOSE (100 steps,
+  0.01, 3% warmup, cosine, total batch 16); router training and inference routing follow PHATGOOSE (100 steps,
   lr 5e-3, gates from zero; k=2, temperature 1: the tiny base's temperature 2 was chosen on its own
   validation split and is not measured on InternVL2). Compute and base weights are bfloat16 (the
   checkpoint's dtype); experts and optimizer state are float32.
@@ -112,9 +108,9 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
   c.lora.r = 16  # InternVL recipe: use_llm_lora 16
   c.lora.lora_alpha = 32.0  # alpha = 2 r (InternVL's wrap_llm_lora)
   c.lora.kernel = "auto"  # adapter mixture per shape from benchmarks/results (XLA where Pallas does not win)
-  c.stage_a.learning_rate = 4e-5  # InternVL recipe
-  c.stage_a.warmup_steps = 9  # 3% of 300 steps
-  c.stage_a.weight_decay = 0.01  # InternVL recipe
+  c.expert_training.learning_rate = 4e-5  # InternVL recipe
+  c.expert_training.warmup_steps = 9  # 3% of 300 steps
+  c.expert_training.weight_decay = 0.01  # InternVL recipe
   c.data.batch_size = 16  # total batch 16 in the recipe
   c.data.eval_batch_size = eval_batch_size  # prompts per generation batch
   c.data.max_tiles = 7  # 6 tiles + thumbnail, as InternVL's fine-tuning scripts (max_dynamic_patch 6)
@@ -162,9 +158,9 @@ def internvl2_cl_stream(size: str, eval_batch_size: int, fsdp: bool, mode: str |
     c.data.max_tiles = 4  # as the sources above
     c.data.workers = 0  # in-process decoding: worker start-up would dominate a smoke run
     c.lora.kernel = "xla"  # CPU
-    c.stage_a.learning_rate = 1e-3  # the tiny base's rate (the InternVL recipe's 4e-5 moves nothing in 12 steps)
-    c.stage_a.steps, c.stage_a.warmup_steps = 12, 2  # seconds, not minutes
-    c.stage_b.steps, c.stage_b.warmup_steps = 6, 1  # likewise
+    c.expert_training.learning_rate = 1e-3  # the tiny base's rate (the InternVL recipe's 4e-5 moves nothing in 12 steps)
+    c.expert_training.steps, c.expert_training.warmup_steps = 12, 2  # seconds, not minutes
+    c.router_training.steps, c.router_training.warmup_steps = 6, 1  # likewise
     c.data.batch_size = 8  # small batches
     c.data.eval_size = 8  # the first 8 records of each evaluation split
     c.data.eval_batch_size = 8  # one generation batch per column
@@ -180,8 +176,8 @@ def internvl2_cl_stream(size: str, eval_batch_size: int, fsdp: bool, mode: str |
 def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A CPU smoke run of the same stream: one short task, small evaluations."""
   c.tasks = c.tasks[:1]
-  c.stage_a.steps, c.stage_a.warmup_steps = 12, 2
-  c.stage_b.steps, c.stage_b.warmup_steps = 6, 1
+  c.expert_training.steps, c.expert_training.warmup_steps = 12, 2
+  c.router_training.steps, c.router_training.warmup_steps = 6, 1
   c.data.batch_size = 8
   c.data.eval_size = 32
   c.data.eval_batch_size = 32
@@ -222,10 +218,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise UserError(f"unknown lora.kernel {c.lora.kernel!r}; use 'xla', 'pallas' or 'auto'")
   if c.data.eval_split not in tasks.EVAL_SPLITS:
     raise UserError(f"config.data.eval_split must be one of {tasks.EVAL_SPLITS}, got {c.data.eval_split!r}")
-  if c.router.kind not in ("topk", "arrow", "dense"):
-    raise UserError(f"config.router.kind must be 'topk', 'arrow' or 'dense', got {c.router.kind!r}")
-  for key, value in [("lora.r", c.lora.r), ("router.k", c.router.k), ("stage_a.steps", c.stage_a.steps),
-                     ("stage_b.steps", c.stage_b.steps), ("data.batch_size", c.data.batch_size)]:
+  routers.check(c.router)
+  for key, value in [("lora.r", c.lora.r), ("expert_training.steps", c.expert_training.steps),
+                     ("router_training.steps", c.router_training.steps), ("data.batch_size", c.data.batch_size)]:
     if value < 1:
       raise UserError(f"config.{key} must be >= 1, got {value}")
   for key in ("eval_size", "workers", "seq_len", "max_tiles"):
@@ -238,6 +233,9 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   (fields added since keep their defaults)."""
   from drex.checkpoints import store  # pylint: disable=g-import-not-at-top
   stored = _tuples(store.read_json(os.path.join(workdir, "config.json"), "run config"))
+  for old, new in (("stage_a", "expert_training"), ("stage_b", "router_training")):  # names before drex 0.2
+    if old in stored:
+      stored[new] = stored.pop(old)
   cfg = stream_config()
   _merge_into(cfg, stored)
   return cfg
@@ -257,12 +255,3 @@ def _tuples(tree):
   if isinstance(tree, dict):
     return {k: _tuples(v) for k, v in tree.items()}
   return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
-
-
-def inference_routing(c: ml_collections.ConfigDict, num_experts: int) -> routing.Routing:
-  """The router the 'routing' method evaluates with, over `num_experts` experts."""
-  if c.router.kind == "dense":
-    return routing.Routing("dense", weights=(1.0 / num_experts,) * num_experts)
-  topk = c.router.kind == "topk"
-  return routing.Routing(c.router.kind, k=c.router.k, temperature=c.router.temperature,
-                         null_expert=c.router.null_expert and topk, calibrated=c.router.calibrate and topk)

@@ -1,31 +1,34 @@
 """Re-evaluate a finished drex.train workdir from what is on disk (base + adapters), without training.
 
   python -m drex.evaluate --workdir=runs/task3
-  python -m drex.evaluate --workdir=runs/task3 --router_k=1 --calibrate   # same experts, other routing
+  python -m drex.evaluate --workdir=runs/task3 --config.router.k=1 --config.router.calibrate=true   # other routing
+  python -m drex.evaluate --workdir=runs/task3 --config.router.kind=arrow --config.data.eval_split=validation
 
-Writes WORKDIR/evaluation.json and prints, per method, the largest difference from results.json.
+Any field of the run's config can be overridden with --config.<field>=<value> (a router kind's options are
+fields of config.router: drex.adapters.routers); fields that change what was trained are refused, since the
+adapters on disk were not trained with them. Writes WORKDIR/evaluation.json and prints, per method, the
+largest difference from results.json.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
 from drex import cli
 from drex import config as config_lib
 from drex.checkpoints import store
 from drex.errors import UserError
-from drex.stream import Stream
+from drex.stream import run_stream
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
-_ROUTER_K = flags.DEFINE_integer("router_k", None, "Override router.k (experts kept per token).")
-_NULL = flags.DEFINE_bool("null_expert", None, "Override router.null_expert.")
-_ROUTER = flags.DEFINE_string("router", None, "Override router.kind ('topk', 'arrow', 'dense').")
-_CALIBRATE = flags.DEFINE_bool("calibrate", None, "Override router.calibrate (standardize each vector's scores).")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Override router.temperature.")
+_CONFIG = config_flags.DEFINE_config_dict("config", config_lib.stream_config(),
+                                          "Overrides of the workdir's config, e.g. --config.router.k=1.")
 
 
 def main(argv):
@@ -34,12 +37,9 @@ def main(argv):
   if not workdir:
     raise UserError("--workdir is required")
   cfg = config_lib.read_run_config(workdir)
-  overrides = (("k", _ROUTER_K), ("null_expert", _NULL), ("kind", _ROUTER), ("calibrate", _CALIBRATE),
-               ("temperature", _TEMPERATURE))
-  for key, flag in overrides:
-    if flag.value is not None:
-      cfg.router[key] = flag.value
-  results = Stream(cfg, workdir, eval_only=True).run("evaluation.json")
+  for key in cli.override_keys(sys.argv[1:]):
+    cli.set_field(cfg, key, cli.get_field(_CONFIG.value, key))
+  results = run_stream(cfg, workdir, eval_only=True, results_name="evaluation.json")
   stored_path = os.path.join(workdir, "results.json")
   report = {}
   if store.exists(stored_path):
@@ -53,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "drex.evaluate")
+  cli.run(main, "drex.evaluate", default_config=config_lib.stream_config)

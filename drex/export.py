@@ -44,7 +44,7 @@ def main(argv):
   store.check_writable(out)
   base = base_lib.load_from_workdir(workdir)
   cfg = base.info.model
-  family = peft_export.family_of(cfg, base.info.provenance)
+  family = peft_export.export_family(cfg, base.info.provenance)
   experts, meta = None, {}
   if task:
     adapter_dir = os.path.join(workdir, "adapters", task)

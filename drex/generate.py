@@ -19,7 +19,7 @@ from drex import base as base_lib
 from drex import cli
 from drex import config as config_lib
 from drex import evaluation
-from drex.adapters import lora
+from drex.adapters import lora, routers
 from drex.checkpoints import store
 from drex.data import images, record
 from drex.errors import UserError
@@ -36,17 +36,17 @@ def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.Confi
   """Base, variables (params + stacked experts + router) and config of a finished workdir."""
   cfg = config_lib.read_run_config(workdir)
   base = base_lib.load_from_workdir(workdir)
-  experts, routers = [], []
+  experts, vectors = [], []
   for task in cfg.tasks:
     directory = os.path.join(workdir, "adapters", task)
     if not store.isdir(directory):
       raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
     ex, rt, _ = store.load_adapter(directory)
     experts.append(ex)
-    routers.append(rt)
-  router = lora.stack(routers)
-  if cfg.router.null_expert and cfg.router.kind == "topk":
-    router = lora.merge_trees(router, store.load_tree(os.path.join(workdir, "null_router"), None,
+    vectors.append(rt)
+  router = lora.stack(vectors)
+  if "null_v" in routers.from_config(cfg.router, 1).reads():
+    router = lora.merge_trees(router, store.load_tree(os.path.join(workdir, "null_expert"), None,
                                                       "null-expert prototypes"))
   return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)
 
@@ -62,8 +62,8 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   expert 'base (null)' when the null expert is on.
   """
   base, variables, cfg, names = workdir_model
-  routing = config_lib.inference_routing(cfg, len(names))
-  model = base.model(lora.AdapterSpec(routing, cfg.lora.lora_alpha, cfg.lora.rslora, cfg.lora.kernel))
+  router = routers.from_config(cfg.router, len(names))
+  model = base.model(lora.AdapterSpec(router, cfg.lora.lora_alpha, cfg.lora.rslora, cfg.lora.kernel))
   encoder = base.encoder()
   question_record = record.make([(question, "")], [] if image is None else [image])
   pixels, tiles = encoder.pixels(question_record["images"])
@@ -75,7 +75,7 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
                                   encoder.pad_id)
   batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}
   profile = evaluation.routing_profile(model, variables, batch, Parallel.create((1, 1, 1), devices=jax.devices()[:1]))
-  if routing.null_expert:  # the weight left to the base itself
+  if router.includes_base:  # the weight left to the base itself
     profile = np.concatenate([profile, 1.0 - profile.sum(-1, keepdims=True)], -1)
     names = names + ["base (null)"]
   return {"answer": encoder.decode_answer(np.asarray(tokens[0])), "experts": names,

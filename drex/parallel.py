@@ -2,9 +2,10 @@
 
 * `initialize_distributed(mode)` must run before any other JAX call of a multi-host job.
 * `Parallel` holds the mesh `('data', 'fsdp', 'tensor')` (Auto axis types) and the logical-axis
-  rules that map the model's logical names (`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `batch`,
-  `length`, `expert`, `rank`, `norm`) to mesh axes. Base params, experts, router vectors and batches
-  get `NamedSharding`s from those rules; jitted steps run inside `Parallel.context()` so the model's
+  rules that map the model's logical names — parameters: `embed`, `mlp`, `heads`, `kv_heads`, `vocab`,
+  `expert`, `rank`, `norm`; activations and batches: `activation_batch`, `activation_length`,
+  `activation_embed`, `activation_mlp`, `activation_vocab` — to mesh axes. Base params and batches get `NamedSharding`s from
+  those rules (experts and router vectors: drex.adapters.lora.adapter_shardings); jitted steps run inside `Parallel.context()` so the model's
   `with_logical_constraint` calls resolve.
 """
 
@@ -28,8 +29,7 @@ log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
+    # parameters (the base's: FSDP over 'fsdp', tensor parallel over 'tensor'; adapters follow their linear)
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -38,6 +38,12 @@ DEFAULT_RULES = (
     ("norm", None),
     ("expert", None),
     ("rank", None),
+    # activations and batches (names of their own, so parameter and activation layouts are set apart)
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 _ENV_KEYS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
              "MEGASCALE_COORDINATOR_ADDRESS")
@@ -117,26 +123,8 @@ class Parallel:
     """NamedShardings of a tree whose leaves are nn.LogicallyPartitioned (e.g. jax.eval_shape of init)."""
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_abstract), self.mesh, self.rules)
 
-  def adapter_shardings(self, base_boxed_abstract: Any, tree: Any) -> Any:
-    """Shardings of an experts tree (lora_a [E, in, r], lora_b [E, r, out]) or router tree (v [E, in],
-    null_v [K, in], v_stats [E, 2], null_stats [K, 2]) from the logical axes of the base kernel they adapt."""
-    flat = flax.traverse_util.flatten_dict(base_boxed_abstract,
-                                           is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
-    kernels = {p[:-1]: leaf.names for p, leaf in flat.items()
-               if p[-1] == "kernel" and isinstance(leaf, nn.LogicallyPartitioned)}
-    logical = {"lora_a": lambda i, o: ("expert", i, "rank"), "lora_b": lambda i, o: ("expert", "rank", o),
-               "v": lambda i, o: ("expert", i), "null_v": lambda i, o: ("expert", i),
-               "v_stats": lambda i, o: ("expert", None), "null_stats": lambda i, o: ("expert", None)}
-    out = {}
-    for path, _ in flax.traverse_util.flatten_dict(tree).items():
-      names = kernels.get(path[:-1])
-      if names is None:
-        raise UserError(f"adapter entry {'/'.join(path)} does not match any base linear")
-      out[path] = self.sharding(logical[path[-1]](*names))
-    return flax.traverse_util.unflatten_dict(out)
-
   def batch_sharding(self) -> NamedSharding:
-    return self.sharding(("batch",))
+    return self.sharding(("activation_batch",))
 
   def put(self, tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), tree, shardings)

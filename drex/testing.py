@@ -48,11 +48,10 @@ def micro_model(cfg: VLMConfig | None = None, seed: int = 0) -> tuple[VLMConfig,
   the positional arguments of `vlm.VLM.__call__` for `micro_batch(cfg)`.
   """
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from drex.models import generation, vlm  # pylint: disable=g-import-not-at-top
+  from drex.models import vlm  # pylint: disable=g-import-not-at-top
   cfg = cfg or micro_config()
   b = micro_batch(cfg)
-  args = (b["pixel_values"], b["input_ids"], generation.prompt_positions(b["attention_mask"]),
-          b["attention_mask"].astype(bool))
+  args = vlm.model_inputs(b["pixel_values"], b["input_ids"], b["attention_mask"])
   params = nn.unbox(vlm.VLM(cfg).init(jax.random.key(seed), *args))["params"]
   return cfg, params, args
 

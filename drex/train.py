@@ -26,10 +26,10 @@ def main(argv):
   cfg = _CONFIG.value
   d = cfg.distributed
   parallel.initialize_distributed(d.mode, d.coordinator, d.num_processes, d.process_id)  # before any JAX call
-  from drex.stream import Stream  # pylint: disable=g-import-not-at-top
+  from drex.stream import run_stream  # pylint: disable=g-import-not-at-top
   config_path = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
-  results = Stream(cfg, workdir).run()
+  results = run_stream(cfg, workdir)
   summary = {m: {k: v for k, v in r.items() if k in ("average_accuracy", "foundation", "backward_transfer")}
              for m, r in results["methods"].items()}
   print(json.dumps({"workdir": workdir, "summary": summary, "seconds": results["timings_s"]["total"]}, indent=1))

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from drex import testing
-from drex.adapters import lora, routing
-from drex.adapters.routing import Routing
+from drex.adapters import lora, routers
 from drex.models import generation, vlm
 
 
@@ -17,7 +16,7 @@ def setup():
   return testing.micro_model()
 
 
-def _logits(cfg, variables, args, route=Routing("single", 0)):
+def _logits(cfg, variables, args, route=routers.Single(0)):
   return vlm.VLM(cfg, lora.AdapterSpec(route, lora_alpha=4.0)).apply(variables, *args)[0]
 
 
@@ -63,7 +62,7 @@ def test_single_picks_the_named_expert_of_a_stack(setup):
   e0 = testing.random_like(lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1)), seed=3)
   e1 = testing.random_like(e0, seed=4)
   stacked = lora.stack([e0, e1])
-  np.testing.assert_allclose(_logits(cfg, {"params": params, "experts": stacked}, args, Routing("single", 1)),
+  np.testing.assert_allclose(_logits(cfg, {"params": params, "experts": stacked}, args, routers.Single(1)),
                              _logits(cfg, {"params": params, "experts": e1}, args), atol=1e-5)
   chex.assert_trees_all_close(lora.take(stacked, 1), e1)
 
@@ -73,7 +72,7 @@ def test_topk_with_one_expert_and_k1_equals_single(setup):
   ex = testing.random_like(lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1)), seed=3)
   router = testing.random_like(lora.init_router(ex), seed=5)
   variables = {"params": params, "experts": ex, "router": router}
-  np.testing.assert_allclose(_logits(cfg, variables, args, Routing("topk", k=1)),
+  np.testing.assert_allclose(_logits(cfg, variables, args, routers.TopK(k=1)),
                              _logits(cfg, {"params": params, "experts": ex}, args), atol=1e-6)
 
 
@@ -83,7 +82,7 @@ def test_sigmoid_gate_scales_the_expert_branch(setup):
   zero_router = lora.init_router(ex)  # sigmoid(0) = 0.5 everywhere
   half = lora.merge_into_base(params, ex, 0, scale=0.5 * 4.0 / 4)
   np.testing.assert_allclose(
-      _logits(cfg, {"params": params, "experts": ex, "router": zero_router}, args, Routing("sigmoid_gate", 0)),
+      _logits(cfg, {"params": params, "experts": ex, "router": zero_router}, args, routers.SigmoidGate(0)),
       _logits(cfg, {"params": half}, args), atol=2e-5)
 
 
@@ -98,22 +97,22 @@ def _scores_setup(t=9, d=12, e=4, seed=0):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_topk_weights_sum_to_one_with_k_nonzeros(k):
   x, v = _scores_setup()
-  g = routing.compute_gates(Routing("topk", k=k), x, 4, v=v)
+  g = routers.TopK(k=k).gates(x, 4, {"v": v}, {})
   np.testing.assert_allclose(g.sum(-1), 1.0, atol=1e-6)
   assert ((g > 0).sum(-1) == k).all()
 
 
 def test_topk_is_invariant_to_affine_rescaling():
   x, v = _scores_setup()
-  g = routing.compute_gates(Routing("topk"), x, 4, v=v)
-  g2 = routing.compute_gates(Routing("topk"), 3.0 * x + 2.0, 4, v=0.5 * v - 1.0)
+  g = routers.TopK().gates(x, 4, {"v": v}, {})
+  g2 = routers.TopK().gates(3.0 * x + 2.0, 4, {"v": 0.5 * v - 1.0}, {})
   np.testing.assert_allclose(g, g2, atol=1e-5)
 
 
 def test_topk_renormalization_is_softmax_over_kept_scores():
   x, v = _scores_setup()
-  scores = routing.phatgoose_scores(x, v, 1.0)
-  g = routing.compute_gates(Routing("topk", k=2), x, 4, v=v)
+  scores = routers.phatgoose_scores(x, v, 1.0)
+  g = routers.TopK(k=2).gates(x, 4, {"v": v}, {})
   for t in range(x.shape[0]):
     kept = np.argsort(-np.asarray(scores[t]))[:2]
     expected = np.exp(scores[t, kept]) / np.exp(scores[t, kept]).sum()
@@ -122,7 +121,7 @@ def test_topk_renormalization_is_softmax_over_kept_scores():
 
 def test_identical_vectors_split_evenly():
   x, v = _scores_setup(e=1)
-  g = routing.compute_gates(Routing("topk", k=2), x, 3, v=jnp.repeat(v, 3, 0))
+  g = routers.TopK(k=2).gates(x, 3, {"v": jnp.repeat(v, 3, 0)}, {})
   np.testing.assert_allclose(np.sort(np.asarray(g), -1)[:, 1:], 0.5, atol=1e-6)
 
 
@@ -130,40 +129,40 @@ def test_phatgoose_scores_standardize_and_scale():
   x, v = _scores_setup()
   std = lambda a: (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5)
   expected = std(np.asarray(x)) @ std(np.asarray(v)).T / np.sqrt(12)
-  np.testing.assert_allclose(routing.phatgoose_scores(x, v, 1.0), expected, atol=1e-5)
+  np.testing.assert_allclose(routers.phatgoose_scores(x, v, 1.0), expected, atol=1e-5)
 
 
 def test_null_expert_takes_weight_and_contributes_nothing():
   x, v = _scores_setup()
   null_v = x.mean(0, keepdims=True)  # one prototype close to every token
-  g = routing.compute_gates(Routing("topk", k=2, null_expert=True), x, 4, v=v, null_v=null_v)
+  g = routers.TopK(k=2, null_expert=True).gates(x, 4, {"v": v, "null_v": null_v}, {})
   chex.assert_shape(g, (9, 4))
   assert (g.sum(-1) < 1.0 - 1e-3).any()  # part of the mass went to the base
   assert (g.sum(-1) <= 1.0 + 1e-6).all()
-  with pytest.raises(ValueError, match="null-expert prototype"):
-    routing.compute_gates(Routing("topk", null_expert=True), x, 4, v=v)
+  with pytest.raises(ValueError, match="needs the router variable 'null_v'"):
+    routers.TopK(null_expert=True).gates(x, 4, {"v": v}, {})
 
 
 def test_arrow_prototype_is_top_singular_vector_and_sign_invariant():
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.normal(size=(3, 10, 4)), jnp.float32)
   b = jnp.asarray(rng.normal(size=(3, 4, 7)), jnp.float32)
-  protos = routing.arrow_prototypes(a, b)
+  protos = routers.arrow_prototypes(a, b)
   for e in range(3):
     u, _, _ = np.linalg.svd(np.asarray(a[e]) @ np.asarray(b[e]))
     assert abs(abs(float(np.dot(protos[e], u[:, 0]))) - 1.0) < 1e-4
   x = jnp.asarray(rng.normal(size=(5, 10)), jnp.float32)
-  np.testing.assert_allclose(routing.compute_gates(Routing("arrow", k=2), x, 3, a=a, b=b),
-                             routing.compute_gates(Routing("arrow", k=2), -x, 3, a=a, b=b), atol=1e-6)
+  np.testing.assert_allclose(routers.Arrow(k=2).gates(x, 3, {}, {"lora_a": a, "lora_b": b}),
+                             routers.Arrow(k=2).gates(-x, 3, {}, {"lora_a": a, "lora_b": b}), atol=1e-6)
 
 
 def test_router_config_errors():
   with pytest.raises(ValueError, match="unknown router 'phatgoose'"):
-    Routing("phatgoose")
+    routers.get("phatgoose")
   with pytest.raises(ValueError, match="picks expert 3 but only 2"):
-    routing.compute_gates(Routing("single", 3), jnp.ones((2, 4)), 2)
+    routers.Single(3).gates(jnp.ones((2, 4)), 2, {}, {})
   with pytest.raises(ValueError, match="2 weights for 3 experts"):
-    routing.compute_gates(Routing("dense", weights=(0.5, 0.5)), jnp.ones((2, 4)), 3)
+    routers.Dense((0.5, 0.5)).gates(jnp.ones((2, 4)), 3, {}, {})
 
 
 def test_stack_rejects_different_structures(setup):
@@ -185,7 +184,7 @@ def test_model_logits_and_train_step_agree_between_kernels(setup, kernel):
   variables = {"params": params, "experts": experts, "router": router}
   outs = {}
   for k in ("xla", kernel):
-    model = vlm.VLM(cfg, lora.AdapterSpec(Routing("topk", k=2), lora_alpha=4.0, kernel=k))
+    model = vlm.VLM(cfg, lora.AdapterSpec(routers.TopK(k=2), lora_alpha=4.0, kernel=k))
     logits = model.apply(variables, *args)[0]
     b = testing.micro_batch(cfg)
     grads = jax.grad(lambda ex: trainer.batch_loss(model, {**variables, "experts": ex}, b)[0])(experts)
@@ -197,15 +196,15 @@ def test_model_logits_and_train_step_agree_between_kernels(setup, kernel):
 def test_calibrated_scores_standardize_each_vector():
   x, v = _scores_setup()
   identity = jnp.tile(jnp.asarray([[0.0, 1.0]]), (4, 1))
-  np.testing.assert_allclose(routing.compute_gates(Routing("topk", calibrated=True), x, 4, v=v, v_stats=identity),
-                             routing.compute_gates(Routing("topk"), x, 4, v=v), atol=1e-6)
+  np.testing.assert_allclose(routers.TopK(calibrated=True).gates(x, 4, {"v": v, "v_stats": identity}, {}),
+                             routers.TopK().gates(x, 4, {"v": v}, {}), atol=1e-6)
   stats = jnp.asarray([[0.5, 2.0], [-1.0, 0.5], [0.0, 1.0], [2.0, 3.0]])
-  raw = routing.phatgoose_scores(x, v, 1.0)
-  expected = routing.topk_softmax((raw - stats[:, 0]) / stats[:, 1], 2)
-  np.testing.assert_allclose(routing.compute_gates(Routing("topk", calibrated=True), x, 4, v=v, v_stats=stats),
+  raw = routers.phatgoose_scores(x, v, 1.0)
+  expected = routers.topk_softmax((raw - stats[:, 0]) / stats[:, 1], 2)
+  np.testing.assert_allclose(routers.TopK(calibrated=True).gates(x, 4, {"v": v, "v_stats": stats}, {}),
                              expected, atol=1e-6)
   with pytest.raises(ValueError, match="score statistics"):
-    routing.compute_gates(Routing("topk", calibrated=True), x, 4, v=v)
+    routers.TopK(calibrated=True).gates(x, 4, {"v": v}, {})
 
 
 def test_input_moments_match_a_direct_computation(setup):
@@ -216,18 +215,18 @@ def test_input_moments_match_a_direct_computation(setup):
   b = testing.micro_batch(cfg, pad=(0, 3, 5))
   batch = {**b, "valid": np.array([1, 1, 0], np.int32)}  # the third row is padding
   experts = lora.init_experts(params, 2, ["q_proj"], jax.random.key(0))
-  model = vlm.VLM(cfg)
+  model = vlm.VLM(cfg, lora.AdapterSpec())  # adapted linears sow their inputs
   key = "language_model/layers_1/self_attn/q_proj"
   vec = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
   m = prototypes.input_moments(model, {"params": params, "experts": experts}, [batch], Parallel.create((1, 1, 1)),
                                {key: vec})[key]
   _, st = model.apply({"params": params, "experts": experts}, *args[:1], b["input_ids"],
-                      generation.prompt_positions(b["attention_mask"]), b["attention_mask"].astype(bool),
+                      vlm.prompt_positions(b["attention_mask"]), b["attention_mask"].astype(bool),
                       mutable=["intermediates"])
   x = np.asarray(st["intermediates"]["language_model"]["layers_1"]["self_attn"]["q_proj"]["inputs"][0])
   real = (b["attention_mask"] * batch["valid"][:, None]).astype(bool)
-  xhat = np.asarray(routing.standardize(jnp.asarray(x[real])))
+  xhat = np.asarray(routers.standardize(jnp.asarray(x[real])))
   np.testing.assert_allclose(m["mean"], xhat.mean(0), atol=1e-5)
-  scores = xhat @ np.asarray(routing.standardize(jnp.asarray(vec))).T / np.sqrt(32)
+  scores = xhat @ np.asarray(routers.standardize(jnp.asarray(vec))).T / np.sqrt(32)
   np.testing.assert_allclose(m["score_mean"], scores.mean(0), atol=1e-5)
   np.testing.assert_allclose(m["score_std"], scores.std(0), atol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 from drex import base as base_lib
 from drex import testing
 from drex.adapters import lora
-from drex.adapters.routing import Routing
+from drex.adapters import routers
 from drex.checkpoints import store
 from drex.data import pipeline
 from drex.data.tokenizer import train_bpe
@@ -33,7 +33,7 @@ def test_adapter_roundtrip_gives_identical_logits(setup, tmp_path):
   store.save_adapter(path, experts, router, {"task": "task", "r": 4})
   ex2, rt2, meta = store.load_adapter(path, experts, router)
   assert meta == {"task": "task", "r": 4}
-  model = vlm.VLM(cfg, lora.AdapterSpec(Routing("topk", k=1)))
+  model = vlm.VLM(cfg, lora.AdapterSpec(routers.TopK(k=1)))
   before = model.apply({"params": params, "experts": experts, "router": router}, *args)[0]
   after = model.apply({"params": params, "experts": ex2, "router": rt2}, *args)[0]
   np.testing.assert_array_equal(before, after)

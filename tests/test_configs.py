@@ -28,7 +28,7 @@ def test_stream_configs_load_and_validate(path, mode):
     return
   config_lib.validate(cfg)
   if mode:  # seconds to minutes on a CPU: one task, or the real-data stream on drex's fixture files
-    assert cfg.stage_a.steps < 50 and (len(cfg.tasks) == 1 or cfg.data.fixtures)
+    assert cfg.expert_training.steps < 50 and (len(cfg.tasks) == 1 or cfg.data.fixtures)
 
 
 def test_readme_own_data_example_is_a_valid_config():
@@ -54,6 +54,10 @@ def test_every_field_has_a_comment():
     for line in inspect.getsource(fn).splitlines():
       if re.match(r"\s+c(\.\w+)+ = ", line) and "ConfigDict()" not in line:
         assert "#" in line, f"config field without a comment: {line.strip()}"
+  from drex.adapters import routers  # pylint: disable=g-import-not-at-top
+  for cls in routers.REGISTRY.values():  # config.router's fields come from the routers' OPTIONS
+    for name, (_, comment) in cls.OPTIONS.items():
+      assert comment.strip(), f"router option {cls.KIND}.{name} without a comment"
 
 
 def test_validation_errors_name_the_field():

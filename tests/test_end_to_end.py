@@ -14,7 +14,8 @@ from drex import base as base_lib
 from drex import generate
 from drex.cli import load_config_file
 from drex.data import tasks
-from drex.stream import Stream
+from drex.errors import UserError
+from drex.stream import run_stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def smoke_run(tmp_path_factory):
   """The `:smoke` stream, run once from an empty workdir: (config, workdir, results)."""
   cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py:smoke"))
   workdir = str(tmp_path_factory.mktemp("smoke") / "run")
-  return cfg, workdir, Stream(cfg, workdir).run()
+  return cfg, workdir, run_stream(cfg, workdir)
 
 
 def test_smoke_stream_end_to_end_reuse_and_reevaluation(smoke_run):
@@ -56,10 +57,10 @@ def test_smoke_stream_end_to_end_reuse_and_reevaluation(smoke_run):
   stored = json.load(open(os.path.join(workdir, "results.json")))
   base_mtime = os.path.getmtime(os.path.join(workdir, "base", "config.json"))
 
-  again = Stream(cfg, workdir).run()  # finished workdir: nothing is trained again
-  assert not any(k.endswith(("stage_a", "stage_b", "/train")) for k in again["timings_s"])
+  again = run_stream(cfg, workdir)  # finished workdir: nothing is trained again
+  assert not any(k.endswith(("/expert", "/router", "/train")) for k in again["timings_s"])
   assert os.path.getmtime(os.path.join(workdir, "base", "config.json")) == base_mtime
-  evaluated = Stream(cfg, workdir, eval_only=True).run("evaluation.json")
+  evaluated = run_stream(cfg, workdir, eval_only=True, results_name="evaluation.json")
   for method in stored["methods"]:
     assert again["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
     assert evaluated["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
@@ -102,7 +103,7 @@ def test_task3_shows_the_method(tmp_path):
   -1.6), better than both baselines; sequential fine-tuning forgets tasks 1-2 (measured 60 points) and the
   foundation suite (-22). Margins allow for other CPUs' numerics; the run is deterministic on one machine."""
   cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py"))
-  r = Stream(cfg, str(tmp_path / "task3")).run()
+  r = run_stream(cfg, str(tmp_path / "task3"))
   routing, sequential, mtl = (r["methods"][m] for m in ("routing", "sequential", "mtl"))
   for j, task in enumerate(r["tasks"]):
     assert routing["matrix"][-1][j] >= 0.9 * r["oracle"][task], task
@@ -112,3 +113,50 @@ def test_task3_shows_the_method(tmp_path):
   assert routing["foundation_retention"] > sequential["foundation_retention"] + 0.05
   assert routing["foundation_retention"] > mtl["foundation_retention"]
   assert sequential["foundation_retention"] <= -0.10
+
+
+@pytest.fixture
+def fixed_router():
+  """A router kind defined here, in a test file: every token to one expert, the expert chosen by a config
+  option of its own. Registered for the test only."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from typing import ClassVar  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from drex.adapters import routers  # pylint: disable=g-import-not-at-top
+
+  @routers.register
+  @dataclasses.dataclass(frozen=True)
+  class OneExpert(routers.Router):
+    KIND: ClassVar[str] = "one_expert"
+    INFERENCE: ClassVar[bool] = True
+    OPTIONS: ClassVar[dict] = {"chosen_expert": (0, "the expert every token goes to")}
+    chosen: int = 0
+
+    def gates(self, x, num_experts, variables, experts):
+      return jnp.broadcast_to(jax.nn.one_hot(self.chosen, num_experts), x.shape[:-1] + (num_experts,))
+
+    @classmethod
+    def from_config(cls, c, num_experts):
+      return cls(c.chosen_expert)
+
+  yield OneExpert
+  routers.REGISTRY.pop("one_expert")
+
+
+def test_a_router_kind_from_a_test_file_evaluates_a_workdir(smoke_run, fixed_router):
+  """Registering a kind is all it takes: config.router gets its option, validation accepts it, and the
+  driver evaluates the workdir's experts with it (no training). Routed to the task's own expert, routing
+  scores what the oracle scored."""
+  from drex import config as config_lib  # pylint: disable=g-import-not-at-top
+  _, workdir, results = smoke_run
+  cfg = config_lib.read_run_config(workdir)
+  assert cfg.router.chosen_expert == 0  # the new option, at its default
+  cfg.router.kind = "one_expert"
+  cfg.methods = ("routing",)
+  evaluated = run_stream(cfg, workdir, eval_only=True, results_name="evaluation.json")
+  task = results["tasks"][0]
+  assert evaluated["methods"]["routing"]["matrix"][-1][0] == results["oracle"][task]
+  cfg.router.kind = "one_expert_typo"
+  with pytest.raises(UserError, match="config.router.kind must be one of .*one_expert"):
+    run_stream(cfg, workdir, eval_only=True, results_name="evaluation.json")

@@ -135,16 +135,16 @@ def test_non_finite_loss_stops_the_stage_and_a_fixed_rerun_resumes(tmp_path):
   """SIGTERM leaves a resume point; a diverging config then stops at the first NaN without saving anything
   of it; the fixed config resumes from the resume point and finishes."""
   workdir = str(tmp_path / "run")
-  stage = os.path.join(workdir, "state", "0_generic_kind_A")
+  stage = os.path.join(workdir, "state", "0_generic_kind_expert")
   proc = subprocess.Popen(_cmd("drex.train", *SMOKE, f"--workdir={workdir}"), cwd=ROOT, stderr=subprocess.PIPE,
                           text=True)
   assert _wait_for(lambda: os.path.isdir(stage) and any(n.isdigit() for n in os.listdir(stage)), proc)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=300) == 143
   saved = sorted(int(n) for n in os.listdir(stage) if n.isdigit())
-  code, err = _run("drex.train", *SMOKE, "--config.stage_a.learning_rate=1e38", f"--workdir={workdir}")
+  code, err = _run("drex.train", *SMOKE, "--config.expert_training.learning_rate=1e38", f"--workdir={workdir}")
   line = _error_line(err, "drex.train")
-  assert code == 2 and "[routing] generic_kind stage A" in line and "NaN/inf at step" in line
+  assert code == 2 and "[routing] generic_kind expert" in line and "NaN/inf at step" in line
   assert f"last good resume point, step {saved[-1]}" in line
   assert sorted(int(n) for n in os.listdir(stage) if n.isdigit())[-1] == saved[-1]  # nothing saved after it
   assert not os.path.exists(os.path.join(workdir, "adapters", "generic_kind"))
@@ -185,7 +185,7 @@ def test_disk_full_keeps_what_was_committed(tmp_path):
     os.remove(mount / "filler")
     code, err = _run("drex.train", *TWO_TASKS, f"--workdir={workdir}")
     assert code == 0, err[-3000:]
-    assert f"reusing {first}" in err and "generic_kind stage A:" not in err
+    assert f"reusing {first}" in err and "generic_kind expert:" not in err
     assert _snapshot(first) == committed
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 from PIL import Image
 
 from drex import base as base_lib
 from drex import testing
-from drex.checkpoints import hf_import, peft_export, store
+from drex.checkpoints import hf_import, peft_export, store, tensor_names
 from drex.data import images, prompts
 from drex.data import tokenizer as tok_lib
 from drex.errors import UserError
@@ -97,8 +98,7 @@ def test_internlm2_wqkv_split_follows_the_kv_group_interleave():
   cfg = dataclasses.replace(presets.internvl2_2b().llm, num_heads=6, num_kv_heads=2, head_dim=3, d_model=5)
   h, k, d, g = 6, 2, 3, 3
   rows = np.arange((h + 2 * k) * d)[:, None] * np.ones((1, 5))  # row r holds the value r
-  q = hf_import._wqkv(cfg, "q")(rows)  # kernels (in, out): column j = output row j
-  kk, v = hf_import._wqkv(cfg, "k")(rows), hf_import._wqkv(cfg, "v")(rows)
+  q, kk, v = tensor_names.KVGroupQKV(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim).to_drex(rows)  # kernels (in, out)
   for head in range(h):  # query head h at rows (h//G)(G+2)D + (h%G)D ...
     start = (head // g) * (g + 2) * d + (head % g) * d
     np.testing.assert_array_equal(q[0, head * d:(head + 1) * d], np.arange(start, start + d))
@@ -107,6 +107,26 @@ def test_internlm2_wqkv_split_follows_the_kv_group_interleave():
     np.testing.assert_array_equal(kk[0, group * d:(group + 1) * d], np.arange(start + g * d, start + (g + 1) * d))
     np.testing.assert_array_equal(v[0, group * d:(group + 1) * d], np.arange(start + (g + 1) * d, start + (g + 2) * d))
 
+
+
+@pytest.mark.parametrize("layout,family", [("hf", "qwen2"), ("hf", "llama"), ("hf", "phi3"), ("opengvlab", "qwen2"),
+                                           ("opengvlab", "internlm2"), ("opengvlab", "phi3")])
+def test_every_tensor_of_the_plan_round_trips_through_its_transform(layout, family):
+  """Import and export read the same plan: each link's to_hf inverts its to_drex, names are unique."""
+  cfg = testing.micro_config(qkv_bias=family == "qwen2")
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, qk_norm=True))
+  names = tensor_names.NATIVE if layout == "hf" else tensor_names.names_in(layout, family, [])
+  links = tensor_names.plan(cfg, family, names)
+  hf_names = [n for link in links for n in link.hf]
+  paths = [p for link in links for p in link.params]
+  assert len(set(hf_names)) == len(hf_names) and len(set(paths)) == len(paths)
+  rng = np.random.default_rng(0)
+  for link in links:
+    tensors = [rng.normal(size=shape).astype(np.float32) for shape in link.shapes]
+    back = link.to_hf(*link.to_drex(*tensors))
+    assert len(back) == len(tensors), link.hf
+    for want, got in zip(tensors, back):
+      np.testing.assert_array_equal(got, want, err_msg=str(link.hf))
 
 # ----------------------------------------------------------------------------- round trips and errors
 
@@ -182,8 +202,7 @@ def test_missing_extra_and_misshaped_tensors_are_all_named_in_one_error(tmp_path
   bad = tmp_path / "bad"
   bad.mkdir()
   (bad / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
-  peft_export.write_safetensors(str(bad / "model.safetensors"),
-                                {k: (v.shape, v.dtype, (lambda v=v: v)) for k, v in tensors.items()})
+  safetensors.numpy.save_file(tensors, str(bad / "model.safetensors"))
   with pytest.raises(UserError) as e:
     hf_import.load_params(str(bad), cfg)
   msg = str(e.value)
@@ -201,6 +220,20 @@ def test_truncated_file_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="truncated"):
     hf_import.load_params(str(tmp_path), cfg)
 
+
+
+def test_float8_checkpoint_loads(tmp_path):
+  """float8 tensors (which the safetensors package cannot hand to numpy) are read from the file."""
+  cfg, params = _micro()
+  peft_export.export_merged(str(tmp_path / "f32"), params, cfg, "qwen2")
+  f32 = hf_import.Checkpoint(str(tmp_path / "f32"))
+  (tmp_path / "f8").mkdir()
+  (tmp_path / "f8" / "config.json").write_text((tmp_path / "f32" / "config.json").read_text())
+  safetensors.numpy.save_file({n: f32.array(n).astype(ml_dtypes.float8_e4m3fn) for n in f32.names()},
+                              str(tmp_path / "f8" / "model.safetensors"))
+  assert hf_import.Checkpoint(str(tmp_path / "f8")).dtype_code("lm_head.weight") == "F8_E4M3"
+  rounded = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(ml_dtypes.float8_e4m3fn).astype(np.float32), params)
+  _assert_trees_equal(hf_import.load_params(str(tmp_path / "f8"), cfg), rounded)
 
 def test_base_load_imports_a_checkpoint_directory_sharded_onto_the_mesh(tmp_path):
   tokenizer = tok_lib.train_bpe(["what colour is the shape ? red blue green"] * 4, 40)

@@ -59,7 +59,7 @@ def test_pixel_shuffle_rejects_odd_grid():
 def test_vlm_logits_shape_and_image_features_used(model_and_params):
   cfg, model, params = model_and_params
   b = testing.micro_batch(cfg)
-  pos = generation.prompt_positions(b["attention_mask"])
+  pos = vlm.prompt_positions(b["attention_mask"])
   logits, cache = model.apply({"params": params}, b["pixel_values"], b["input_ids"], pos,
                               b["attention_mask"].astype(bool))
   chex.assert_shape(logits, (3, 12, cfg.llm.vocab_size))
@@ -77,7 +77,7 @@ def test_left_padding_does_not_change_real_positions(model_and_params):
   padded = {k: np.concatenate([np.zeros((1, 3) + v.shape[2:], v.dtype), v], 1) if k != "pixel_values" else v
             for k, v in b.items()}
   run = lambda bb: model.apply({"params": params}, bb["pixel_values"], bb["input_ids"],
-                               generation.prompt_positions(bb["attention_mask"]), bb["attention_mask"].astype(bool))[0]
+                               vlm.prompt_positions(bb["attention_mask"]), bb["attention_mask"].astype(bool))[0]
   np.testing.assert_allclose(run(padded)[:, 3:], run(b), atol=1e-5)
 
 
@@ -89,7 +89,7 @@ def test_greedy_generation_with_cache_matches_teacher_forcing(model_and_params):
   chex.assert_shape(out, (3, 5))
   full = np.concatenate([b["input_ids"], np.asarray(out)], 1)
   mask = np.concatenate([b["attention_mask"], np.ones_like(out)], 1)
-  logits, _ = model.apply({"params": params}, b["pixel_values"], full, generation.prompt_positions(mask),
+  logits, _ = model.apply({"params": params}, b["pixel_values"], full, vlm.prompt_positions(mask),
                           mask.astype(bool))
   np.testing.assert_array_equal(np.argmax(logits[:, 11:16], -1), out)
 

@@ -47,16 +47,16 @@ def _step_outputs(shape):
   """(loss, updated experts) of two LoRA train steps on a micro model over a mesh of `shape`."""
   from drex import testing  # pylint: disable=g-import-not-at-top
   from drex.adapters import lora
-  from drex.adapters.routing import Routing
+  from drex.adapters import routers
   from drex.models import generation, vlm
   from drex.training import trainer
 
   n = int(np.prod(shape))
   par = parallel.Parallel.create(shape, devices=jax.devices()[:n])
   cfg = testing.micro_config()
-  model = vlm.VLM(cfg, lora.AdapterSpec(Routing("topk", k=2)))
+  model = vlm.VLM(cfg, lora.AdapterSpec(routers.TopK(k=2)))
   b = testing.micro_batch(cfg, batch=8)
-  args = (b["pixel_values"], b["input_ids"], generation.prompt_positions(b["attention_mask"]),
+  args = (b["pixel_values"], b["input_ids"], vlm.prompt_positions(b["attention_mask"]),
           b["attention_mask"].astype(bool))
   boxed = jax.eval_shape(lambda: vlm.VLM(cfg).init(jax.random.key(0), *args))["params"]
   params = nn.unbox(vlm.VLM(cfg).init(jax.random.key(0), *args))["params"]
@@ -65,11 +65,11 @@ def _step_outputs(shape):
   router = testing.random_like(lora.init_router(experts), seed=4)
   optimizer = trainer.make_optimizer(trainer.OptimConfig(10, 1e-2, 1))
   base_sh = par.tree_shardings(boxed)
-  frozen = {"params": par.put(params, base_sh), "router": par.put(router, par.adapter_shardings(boxed, router))}
-  ex_sh = par.adapter_shardings(boxed, experts)
+  frozen = {"params": par.put(params, base_sh), "router": par.put(router, lora.adapter_shardings(par, boxed, router))}
+  ex_sh = lora.adapter_shardings(par, boxed, experts)
   shardings = trainer.state_shardings(optimizer, ex_sh, par, experts)
   step = trainer.compile_step(model, "experts", optimizer, shardings,
-                              {"params": base_sh, "router": frozen["router"] and par.adapter_shardings(boxed, router)},
+                              {"params": base_sh, "router": frozen["router"] and lora.adapter_shardings(par, boxed, router)},
                               par)
   state = trainer.create_state(par.put(experts, ex_sh), optimizer, shardings)
   losses = []
@@ -105,7 +105,9 @@ def test_sharded_step_equals_single_device_step():
 def test_rules_map_logical_axes_to_the_mesh():
   par = parallel.Parallel.create((1, 1, 1))
   assert par.sharding(("embed", "mlp")).spec == P("fsdp", "tensor")
-  assert par.sharding(("batch",)).spec == P(("data", "fsdp"))
+  assert par.sharding(("activation_batch",)).spec == P(("data", "fsdp"))
+  # activations have names of their own: a batch's features stay whole where the parameters' are split
+  assert par.sharding(("activation_batch", "activation_length", "activation_embed")).spec == P(("data", "fsdp"), None, None)
   assert par.sharding(("expert", "embed", "rank")).spec == P(None, "fsdp", None)
 
 

@@ -23,9 +23,9 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from drex.adapters import lora  # pylint: disable=g-import-not-at-top
-from drex.adapters.routing import Routing
+from drex.adapters import routers
 from drex.checkpoints import hf_import, peft_export
-from drex.models import generation, vit
+from drex.models import generation, vit, vlm
 from drex.models.vlm import VLM
 
 pytestmark = pytest.mark.parity
@@ -130,7 +130,7 @@ def hf_logits(model, pixels, ids, mask):
 
 def drex_logits(cfg, variables, pixels, ids, mask, adapter=lora.AdapterSpec()):
   logits, _ = VLM(cfg, adapter).apply(variables, jnp.asarray(pixels), jnp.asarray(ids, jnp.int32),
-                                      generation.prompt_positions(jnp.asarray(mask)), jnp.asarray(mask, bool))
+                                      vlm.prompt_positions(jnp.asarray(mask)), jnp.asarray(mask, bool))
   return np.asarray(logits)
 
 
@@ -357,12 +357,12 @@ def test_exported_peft_adapter_and_merged_model_reproduce_drex_lora(kind, qwen, 
     cfg, params = load_drex(save(model, str(tmp_path / "base")))
   experts = _random_expert(params)
   rank, alpha = 4, 8.0
-  adapter = lora.AdapterSpec(Routing("single", 0), lora_alpha=alpha)
+  adapter = lora.AdapterSpec(routers.Single(0), lora_alpha=alpha)
   pixels, ids, mask = inputs(seed=10, tiles=2)
   ours = drex_logits(cfg, {"params": params, "experts": experts}, pixels, ids, mask, adapter)
   base_only = drex_logits(cfg, {"params": params}, pixels, ids, mask)
   assert real_max_diff(ours, base_only, mask) > 1e-2  # the expert matters
-  family = peft_export.family_of(cfg)
+  family = peft_export.export_family(cfg)
   assert family == kind
   peft_export.export_peft(str(tmp_path / "peft"), experts, 0, cfg, family, rank, alpha)
   peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft")).eval()

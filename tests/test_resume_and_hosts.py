@@ -22,7 +22,7 @@ from drex.checkpoints import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/task3.py:smoke", "--config.tasks=('shape_color', 'chart_max')", "--config.methods=('routing',)",
-        "--config.stage_a.steps=20", "--config.checkpoint_every=5", "--config.data.eval_size=16",
+        "--config.expert_training.steps=20", "--config.checkpoint_every=5", "--config.data.eval_size=16",
         "--config.data.eval_batch_size=16", "--config.analysis.routing_batch=8"]
 
 
@@ -70,7 +70,7 @@ def uninterrupted(tmp_path_factory):
 def test_killed_run_resumes_to_the_same_adapters(uninterrupted, tmp_path, sig):
   workdir = str(tmp_path / "run")
   proc = _start(workdir)
-  _wait_for_resume_point(workdir, "1_chart_max_A", proc)  # task 2's stage A is under way
+  _wait_for_resume_point(workdir, "1_chart_max_expert", proc)  # task 2's expert is being trained
   first_task = os.path.join(workdir, "adapters", "shape_color", "metadata.json")
   finished_at = os.path.getmtime(first_task)
   proc.send_signal(sig)

@@ -14,7 +14,7 @@ from drex import task_data
 from drex.cli import load_config_file
 from drex.data import benchmarks, fixtures, sources
 from drex.errors import UserError
-from drex.stream import Stream
+from drex.stream import run_stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ def cl_smoke(tmp_path_factory):
   """`configs/internvl2_2b_cl.py:smoke`, the paper's setting on drex's fixture files, run once."""
   cfg = load_config_file(os.path.join(ROOT, "configs", "internvl2_2b_cl.py:smoke"))
   workdir = str(tmp_path_factory.mktemp("cl_smoke") / "run")
-  return cfg, workdir, Stream(cfg, workdir).run()
+  return cfg, workdir, run_stream(cfg, workdir)
 
 
 def test_real_data_stream_trains_and_evaluates_every_format(cl_smoke):
@@ -113,7 +113,7 @@ def test_real_data_stream_trains_and_evaluates_every_format(cl_smoke):
 
 def test_real_data_stream_reevaluates_from_disk(cl_smoke):
   cfg, workdir, results = cl_smoke
-  again = Stream(cfg, workdir, eval_only=True).run("evaluation.json")
+  again = run_stream(cfg, workdir, eval_only=True, results_name="evaluation.json")
   for method, entry in results["methods"].items():
     assert again["methods"][method]["matrix"] == entry["matrix"], method
 

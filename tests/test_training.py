@@ -10,7 +10,7 @@ import pytest
 
 from drex import testing
 from drex.adapters import lora
-from drex.adapters.routing import Routing
+from drex.adapters import routers
 from drex.models import generation, vlm
 from drex.parallel import Parallel
 from drex.training import trainer
@@ -25,7 +25,7 @@ def setup():
     b["input_ids"][:, -2] += (b["pixel_values"].mean((1, 2, 3, 4)) > 0).astype(np.int32)
   b = batches[0]
   params = nn.unbox(vlm.VLM(cfg).init(jax.random.key(0), b["pixel_values"], b["input_ids"],
-                                      generation.prompt_positions(b["attention_mask"]),
+                                      vlm.prompt_positions(b["attention_mask"]),
                                       b["attention_mask"].astype(bool)))["params"]
   # A random 0.02-scale LM head caps logits near +-0.6 (the final RMSNorm bounds the hidden state), so
   # no adapter could fit anything; a trained head is much larger. Make it so.
@@ -50,7 +50,7 @@ def test_stage_a_lowers_the_loss_and_leaves_the_base_alone(setup):
   frozen = {"params": params}
   snapshot = jax.tree_util.tree_map(np.array, params)
   init = lora.init_experts(params, 4, lora.ALL_TARGETS, jax.random.key(1))
-  state, before, after = _run(cfg, Routing("single", 0), "experts", init, frozen, batches, 40, 1e-2)
+  state, before, after = _run(cfg, routers.Single(0), "experts", init, frozen, batches, 40, 1e-2)
   assert after < 0.5 * before
   jax.tree_util.tree_map(np.testing.assert_array_equal, frozen["params"], snapshot)
   assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(init)
@@ -66,7 +66,7 @@ def test_stage_b_changes_only_routing_vectors(setup):
   frozen = {"params": params, "experts": experts}
   snapshot = jax.tree_util.tree_map(np.array, frozen)
   router = lora.init_router(experts)
-  state, before, after = _run(cfg, Routing("sigmoid_gate", 0), "router", router, frozen, batches, 15, 5e-2)
+  state, before, after = _run(cfg, routers.SigmoidGate(0), "router", router, frozen, batches, 15, 5e-2)
   jax.tree_util.tree_map(np.testing.assert_array_equal, frozen, snapshot)
   assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(router)
   moved = [float(jnp.abs(v).max()) for v in jax.tree_util.tree_leaves(state.params)]
@@ -76,5 +76,5 @@ def test_stage_b_changes_only_routing_vectors(setup):
 def test_pretraining_step_lowers_the_loss(setup):
   cfg, params, batches = setup
   init = jax.tree_util.tree_map(jnp.copy, params)
-  _, before, after = _run(cfg, Routing("single", 0), "params", init, {}, batches, 30, 3e-3)
+  _, before, after = _run(cfg, routers.Single(0), "params", init, {}, batches, 30, 3e-3)
   assert after < 0.7 * before

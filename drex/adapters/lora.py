@@ -1,13 +1,15 @@
 """LoRA experts on the LLM's linears, kept apart from the frozen base.
 
-Three pytrees (see DESIGN §2), each mirroring the module paths of the base params:
+Three pytrees (see the README's "What a run produces"), each mirroring the module paths of the base params:
 
 * base    `params`:  {..., 'q_proj': {'kernel': [d_in, d_out], ('bias')}, ...}
 * experts `experts`: {..., 'q_proj': {'lora_a': [E, d_in, r], 'lora_b': [E, r, d_out]}, ...}
-* router  `router`:  {..., 'q_proj': {'v': [E, d_in]}, ...}   (+ 'null_v': [d_in] when used)
+* router  `router`:  {..., 'q_proj': {'v': [E, d_in], ...}, ...}   (the leaves of drex.adapters.routers)
 
-`AdaptedDense` keeps the base parameter path of a plain dense layer (so base checkpoints load as
-they are) and adds the routed expert mixture when the `experts` collection holds an entry for it.
+`AdapterSpec` is the linear factory the model is built with (drex.models.layers.LinearFactory): its
+`AdaptedLinear` is the model's `Linear` (same param paths, so base checkpoints load as they are) plus the
+routed expert mixture, added when the `experts` collection holds an entry for that linear. The model
+knows nothing of adapters; this module depends on drex.models, never the reverse.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from drex.adapters import mixture
-from drex.adapters import routing as routing_lib
+from drex.adapters import routers
+from drex.models.layers import Linear, LinearFactory
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLM_SCOPE = "language_model"
+# Logical axes of the expert leaves, from the (in, out) axes of the kernel they adapt.
+EXPERT_AXES = {"lora_a": lambda d_in, d_out: ("expert", d_in, "rank"),
+               "lora_b": lambda d_in, d_out: ("expert", "rank", d_out)}
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterSpec:
-  """How adapted linears use the experts they are given."""
+class AdapterSpec(LinearFactory):
+  """How adapted linears use the experts they are given: the router, the LoRA scale, the mixture kernel."""
 
-  routing: routing_lib.Routing = routing_lib.Routing()
+  router: routers.Router = routers.Single()
   lora_alpha: float = 16.0
   rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
   kernel: str = "xla"  # adapter-mixture implementation: 'xla' | 'pallas' | 'auto'
@@ -41,48 +47,36 @@ class AdapterSpec:
   def scale(self, rank: int) -> float:
     return self.lora_alpha / (math.sqrt(rank) if self.rslora else rank)
 
+  def __call__(self, features, axes, use_bias, dtype, param_dtype, name):
+    return AdaptedLinear(features, axes, use_bias, dtype, param_dtype, spec=self, name=name)
 
-class AdaptedDense(nn.Module):
-  """y = x @ kernel (+ bias) + routed mixture of the LoRA experts found for this layer.
 
-  Attributes:
-    features: d_out.
-    axes: logical axis names of the kernel (in, out).
-    use_bias: add a bias (Qwen2 q/k/v).
-    adapter: routing and scaling of the experts.
+class AdaptedLinear(Linear):
+  """y = x @ kernel (+ bias) + the routed mixture of the LoRA experts found for this linear.
+
+  Sows its (cast) input as `intermediates/inputs` and its gates as `intermediates/gates` when asked, for
+  routing statistics and profiles.
   """
 
-  features: int
-  axes: tuple[str, str]
-  use_bias: bool = False
-  adapter: AdapterSpec = AdapterSpec()
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., d_in] -> [..., features]."""
-    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
+    y = super().__call__(x)
     x = x.astype(self.dtype)
-    y = jnp.dot(x, kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
-                        (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
     if self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "inputs", x)  # for routing analysis (null-expert prototypes)
     if self.has_variable("experts", "lora_a"):
       a = self.get_variable("experts", "lora_a")
       b = self.get_variable("experts", "lora_b")
-      router = {name: self.get_variable("router", name) for name in ("v", "null_v", "v_stats", "null_stats")
-                if self.has_variable("router", name)}
-      gates = routing_lib.compute_gates(self.adapter.routing, x, a.shape[0], a=a, b=b, **router)
+      variables = {name: self.get_variable("router", name) for name in routers.leaves()
+                   if self.has_variable("router", name)}
+      gates = self.spec.router.gates(x, a.shape[0], variables, {"lora_a": a, "lora_b": b})
       self.sow("intermediates", "gates", gates)
-      route = self.adapter.routing
       y = y + mixture.adapter_mixture(x, a.astype(self.dtype), b.astype(self.dtype), gates,
-                                      self.adapter.scale(a.shape[-1]), kernel=self.adapter.kernel,
-                                      top_k=route.k if route.kind in ("topk", "arrow") else None)
+                                      self.spec.scale(a.shape[-1]), kernel=self.spec.kernel,
+                                      top_k=self.spec.router.top_k)
     return y
 
 
@@ -121,15 +115,15 @@ def init_experts(base_params: dict, rank: int, target_modules: Sequence[str], rn
   return flax.traverse_util.unflatten_dict(tree)
 
 
-def init_router(experts: dict, with_stats: bool = False) -> dict:
-  """Zero routing vectors (sigmoid gate starts at 0.5), one per expert per adapted linear: v [E, d_in];
-  with_stats adds v_stats [E, 2] (score mean 0, std 1: the identity calibration)."""
+def init_router(experts: dict, names: Sequence[str] = ("v",)) -> dict:
+  """The `router` leaves `names` (drex.adapters.routers) at their initial values, per expert per adapted linear:
+  'v' zero routing vectors [E, d_in] (a sigmoid gate starts at 0.5); 'v_stats' [E, 2] the identity calibration."""
+  known = routers.leaves()
+
   def make(m):
     e, d_in = m["lora_a"].shape[:2]
-    out = {"v": jnp.zeros((e, d_in), m["lora_a"].dtype)}
-    if with_stats:
-      out["v_stats"] = jnp.tile(jnp.asarray([[0.0, 1.0]], jnp.float32), (e, 1))
-    return out
+    return {name: known[name].init(e, d_in, m["lora_a"].dtype) for name in names}
+
   return _map_modules(experts, make)
 
 
@@ -174,6 +168,26 @@ def merge_trees(*trees: dict) -> dict:
   for tree in trees:
     flat.update(flax.traverse_util.flatten_dict(tree))
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def adapter_shardings(parallel, base_boxed_abstract: Any, tree: Any) -> Any:
+  """NamedShardings of an experts tree (lora_a [E, in, r], lora_b [E, r, out]) or router tree (the leaves of
+  drex.adapters.routers) on `parallel`'s mesh, from the logical axes of the base kernel each one adapts."""
+  flat = flax.traverse_util.flatten_dict(base_boxed_abstract,
+                                         is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
+  kernels = {p[:-1]: leaf.names for p, leaf in flat.items()
+             if p[-1] == "kernel" and isinstance(leaf, nn.LogicallyPartitioned)}
+  logical = {**EXPERT_AXES, **{name: (lambda d_in, d_out, leaf=leaf: leaf.axes(d_in))
+                               for name, leaf in routers.leaves().items()}}
+  out = {}
+  for path in flax.traverse_util.flatten_dict(tree):
+    names = kernels.get(path[:-1])
+    if names is None:
+      raise ValueError(f"adapter entry {'/'.join(path)} does not match any base linear")
+    if path[-1] not in logical:
+      raise ValueError(f"adapter entry {'/'.join(path)}: no expert or registered router has a leaf {path[-1]!r}")
+    out[path] = parallel.sharding(logical[path[-1]](*names))
+  return flax.traverse_util.unflatten_dict(out)
 
 
 def count_params(tree: Any) -> int:

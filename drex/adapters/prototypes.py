@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drex.adapters.routing import standardize
-from drex.models.generation import prompt_positions
-from drex.models.vlm import VLM
+from drex.adapters.routers import standardize
+from drex.models.vlm import VLM, model_inputs
 from drex.parallel import Parallel
 
 
@@ -36,7 +35,7 @@ def input_moments(model: VLM, variables: dict, batches: Iterable[dict], parallel
   vectors = vectors or {}
 
   def sums(variables, vecs, px, ids, mask):
-    _, st = model.apply(variables, px, ids, prompt_positions(mask), mask.astype(bool), mutable=["intermediates"])
+    _, st = model.apply(variables, *model_inputs(px, ids, mask), mutable=["intermediates"])
     w = mask.astype(jnp.float32)[..., None]
     out = {}
     for path, value in flax.traverse_util.flatten_dict(st["intermediates"]).items():

@@ -8,7 +8,7 @@ A router class says, in one place:
   * `OPTIONS`: the `config.router` fields it reads (default and a one-line comment), `from_config` and
     `check` (the config validation) for a router that routes at inference time (`INFERENCE = True`);
   * `top_k`: the experts a token uses, when known (the mixture kernel's choice).
-`config.router`, `parallel.adapter_shardings`, `config.validate`, `drex.evaluate`'s overrides and the driver
+`config.router`, `lora.adapter_shardings`, `config.validate`, `drex.evaluate`'s overrides and the driver
 read the registry; adding a kind is one class decorated with `@register` (see tests/test_adapters.py).
 
 Kinds:
@@ -74,6 +74,11 @@ class Router:
   @property
   def top_k(self) -> int | None:
     return None
+
+  @property
+  def includes_base(self) -> bool:
+    """Whether the base itself takes part as a zero-output expert (its weight is 1 - sum of the gates)."""
+    return False
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict, num_experts: int) -> "Router":
@@ -271,6 +276,10 @@ class TopK(Router):
   @property
   def top_k(self):
     return self.k
+
+  @property
+  def includes_base(self):
+    return self.null_expert
 
   @classmethod
   def from_config(cls, c, num_experts):

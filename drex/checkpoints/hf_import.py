@@ -1,5 +1,10 @@
 """Import of InternVL-2 checkpoints from a local directory of safetensors shards + config.json.
 
+Owns: reading the checkpoint directory (`Checkpoint`, through the `safetensors` package), parsing its
+config.json into a drex `VLMConfig` / chat template / image tiling, and `load_params`, which checks
+every tensor against the plan and converts it. The tensor names and the transforms themselves are
+`drex.checkpoints.tensor_names`, shared with export.
+
 Two layouts are read (names are checked exactly as the file spells them):
 
 * ``opengvlab``: the remote-code ``InternVLChatModel`` of the OpenGVLab/InternVL2-* repositories:
@@ -13,35 +18,33 @@ Two layouts are read (names are checked exactly as the file spells them):
   ``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.weight``),
   with a Qwen2 / Llama / Phi-3 ``text_config``.
 
-Torch linears (out, in) become kernels (in, out), the patch conv OIHW becomes HWIO, fused tensors are
-split. Before any tensor is read, every name and shape is checked against what the config implies;
-all missing, unexpected and mis-shaped tensors are reported together in one `UserError`, so nothing
-ever loads partially. With `shardings` (a tree of `jax.sharding.Sharding`s), each tensor is built
-shard by shard from the memory-mapped file straight into its place on the mesh.
+Before any tensor is read, every name and shape is checked against what the config implies; all
+missing, unexpected and mis-shaped tensors are reported together in one `UserError`, so nothing ever
+loads partially. With `shardings` (a tree of `jax.sharding.Sharding`s), each tensor is placed shard by
+shard on the mesh.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import math
 import os
-import struct
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+# Registers bfloat16 / float8 with numpy: the safetensors package's numpy reader looks dtypes up by name.
 import ml_dtypes
 import numpy as np
+import safetensors
 
+from drex.checkpoints import tensor_names
 from drex.checkpoints.store import read_json
 from drex.errors import UserError
 from drex.models.config import LLMConfig, RopeConfig, VisionConfig, VLMConfig
 
-LAYOUTS = ("opengvlab", "hf")
-FAMILIES = ("qwen2", "llama", "internlm2", "phi3")
 INDEX_FILE = "model.safetensors.index.json"
 IMG_CONTEXT = "<IMG_CONTEXT>"
 # Non-parameter buffers some older torch checkpoints carry; never weights.
@@ -53,79 +56,65 @@ FAMILY_TEMPLATES = {"qwen2": "Hermes-2", "llama": "internlm2-chat", "internlm2":
 
 # ----------------------------------------------------------------------------- safetensors reading
 
-SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# The float dtypes drex imports (safetensors code -> numpy dtype); any other dtype is a check problem.
+FLOAT_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+                "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+_FLOAT8 = ("F8_E4M3", "F8_E5M2")
 
 
-class SafetensorsFile:
-  """One .safetensors file: its header, and zero-copy numpy views of its tensors (bf16 via ml_dtypes)."""
+def _open(path: str):
+  # framework="numpy", not "flax": tensors are transformed and cast on the host, then placed (sharded)
+  # once; "flax" would first put every whole tensor on the default device (and narrows int64 to int32).
+  # The package returns a host copy of each tensor (not a view of the file): one tensor at a time.
+  try:
+    return safetensors.safe_open(path, framework="numpy")
+  except safetensors.SafetensorError as e:
+    raise UserError(f"{path} is truncated or not a safetensors file ({e}); re-download it") from None
 
-  def __init__(self, path: str):
-    self.path = path
-    size = os.path.getsize(path)
-    try:
-      with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-          raise ValueError("header length past the end of the file")
-        header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-      raise UserError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
-    header.pop("__metadata__", None)
-    self.data_start = 8 + n
-    self.entries: dict[str, dict] = header
-    for name, entry in header.items():
-      begin, end = entry["data_offsets"]
-      if self.data_start + end > size:
-        raise UserError(f"{path} is truncated (tensor {name} ends past the end of the file); re-download it")
-    self._map = None
 
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self.entries[name]["shape"])
+def _read_float8(path: str, name: str) -> np.ndarray:
+  """A float8 tensor as an ml_dtypes view of the memory-mapped file.
 
-  def dtype_code(self, name: str) -> str:
-    return self.entries[name]["dtype"]
-
-  def array(self, name: str) -> np.ndarray:
-    if self._map is None:
-      self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-    entry = self.entries[name]
-    code = entry["dtype"]
-    if code not in SAFETENSORS_DTYPES:
-      raise UserError(f"tensor {name} in {self.path} has dtype {code}, which drex cannot read")
-    begin, end = entry["data_offsets"]
-    raw = self._map[self.data_start + begin:self.data_start + end]
-    return raw.view(SAFETENSORS_DTYPES[code]).reshape(entry["shape"])
+  The one thing read by hand: the safetensors package (0.5 - 0.8) cannot return float8 tensors to
+  numpy (nor to flax: both look `numpy.float8_e4m3fn` up, which numpy lacks), and it does not expose
+  a tensor's byte offsets, so the header is read here. The package has already validated the file.
+  """
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    entry = json.loads(f.read(n))[name]
+  begin, end = entry["data_offsets"]
+  raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n + begin, shape=(end - begin,))
+  return raw.view(FLOAT_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 class Checkpoint:
-  """The tensors of a checkpoint directory: name -> file, from the index or from every *.safetensors."""
+  """The tensors of a checkpoint directory: name -> file, from the index or from every *.safetensors.
+
+  Headers (names, shapes, dtypes) are read when it opens; `array` reads one tensor into host memory.
+  """
 
   def __init__(self, directory: str):
     self.directory = directory
     index_path = os.path.join(directory, INDEX_FILE)
-    self.files: dict[str, SafetensorsFile] = {}
-    self.where: dict[str, SafetensorsFile] = {}
+    self.files: dict[str, Any] = {}  # filename -> safetensors handle
+    self.where: dict[str, str] = {}  # tensor name -> filename
+    self.headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}  # filename -> name -> (shape, dtype)
     problems = []
     if os.path.exists(index_path):
       with open(index_path) as f:
         weight_map = json.load(f).get("weight_map", {})
       for name, filename in sorted(weight_map.items()):
-        path = os.path.join(directory, filename)
         if filename not in self.files:
+          path = os.path.join(directory, filename)
           if not os.path.exists(path):
             raise UserError(f"{INDEX_FILE} in {directory} names shard {filename}, which is not there; "
                             f"download every shard")
-          self.files[filename] = SafetensorsFile(path)
-        if name not in self.files[filename].entries:
+          self._add(filename)
+        if name not in self.headers[filename]:
           problems.append(f"{name} (listed in {INDEX_FILE} but absent from {filename})")
           continue
-        self.where[name] = self.files[filename]
+        self.where[name] = filename
       if problems:
         raise UserError(f"checkpoint {directory} is inconsistent: " + "; ".join(problems))
     else:
@@ -133,26 +122,37 @@ class Checkpoint:
       if not paths:
         raise UserError(f"no *.safetensors files in {directory}")
       for path in paths:
-        file = SafetensorsFile(path)
-        self.files[os.path.basename(path)] = file
-        for name in file.entries:
+        filename = os.path.basename(path)
+        for name in self._add(filename):
           if name in self.where:
-            problems.append(f"{name} is in both {os.path.basename(self.where[name].path)} and {os.path.basename(path)}")
-          self.where[name] = file
+            problems.append(f"{name} is in both {self.where[name]} and {filename}")
+          self.where[name] = filename
       if problems:
         raise UserError(f"checkpoint {directory} has duplicate tensors (add a {INDEX_FILE}): " + "; ".join(problems))
+
+  def _add(self, filename: str) -> list[str]:
+    handle = self.files[filename] = _open(os.path.join(self.directory, filename))
+    slices = {name: handle.get_slice(name) for name in handle.keys()}
+    self.headers[filename] = {name: (tuple(t.get_shape()), t.get_dtype()) for name, t in slices.items()}
+    return list(slices)
 
   def names(self) -> set[str]:
     return set(self.where)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return self.where[name].shape(name)
+    return self.headers[self.where[name]][name][0]
 
   def dtype_code(self, name: str) -> str:
-    return self.where[name].dtype_code(name)
+    return self.headers[self.where[name]][name][1]
 
   def array(self, name: str) -> np.ndarray:
-    return self.where[name].array(name)
+    code = self.dtype_code(name)
+    if code in _FLOAT8:
+      return _read_float8(os.path.join(self.directory, self.where[name]), name)
+    try:
+      return self.files[self.where[name]].get_tensor(name)
+    except (TypeError, AttributeError, safetensors.SafetensorError) as e:  # a dtype numpy has no name for
+      raise UserError(f"tensor {name} in {self.directory} has dtype {code}, which drex cannot read ({e})") from None
 
 
 # ----------------------------------------------------------------------------- configs
@@ -188,12 +188,13 @@ def _llm_dict(hf: dict) -> dict:
   return hf["llm_config"] if layout_of(hf) == "opengvlab" else hf["text_config"]
 
 
-def family_of(hf: dict) -> str:
-  """'qwen2' | 'llama' | 'internlm2' | 'phi3' from the language model's architecture / model_type."""
+def llm_family(hf: dict) -> str:
+  """The language-model family of a checkpoint config: 'qwen2' | 'llama' | 'internlm2' | 'phi3',
+  from its LLM's architecture / model_type (`peft_export.export_family` is what a drex base exports as)."""
   llm = _llm_dict(hf)
   names = [a.lower() for a in llm.get("architectures") or []] + [str(llm.get("model_type", "")).lower()]
   for name in names:
-    for family in ("internlm2", "qwen2", "phi3", "llama"):
+    for family in tensor_names.FAMILIES:
       if name.startswith(family):
         return family
   raise UserError(f"unsupported language model {names} in config.json; drex reads Qwen2, InternLM2, Llama "
@@ -244,7 +245,7 @@ def _rope_config(llm: dict, family: str, head_dim: int) -> RopeConfig:
 
 
 def llm_config(hf: dict) -> LLMConfig:
-  layout, family, llm = layout_of(hf), family_of(hf), _llm_dict(hf)
+  layout, family, llm = layout_of(hf), llm_family(hf), _llm_dict(hf)
   d = int(llm["hidden_size"])
   heads = int(llm["num_attention_heads"])
   kv_heads = int(llm.get("num_key_value_heads") or heads)
@@ -344,7 +345,7 @@ def template_of(hf: dict) -> str:
   """Chat template name: the OpenGVLab config's `template`, else the one of the LLM family."""
   if layout_of(hf) == "opengvlab" and hf.get("template"):
     return str(hf["template"])
-  return FAMILY_TEMPLATES[family_of(hf)]
+  return FAMILY_TEMPLATES[llm_family(hf)]
 
 
 def image_spec_of(hf: dict, preprocessor: dict | None = None):
@@ -369,216 +370,6 @@ def image_spec_of(hf: dict, preprocessor: dict | None = None):
   return ImageSpec(tile, max_tiles=max_grid + extra, min_tiles=min_grid, use_thumbnail=thumbnail)
 
 
-# ----------------------------------------------------------------------------- the tensor plan
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One drex parameter: the checkpoint tensors it is made of and how."""
-
-  path: tuple[str, ...]
-  sources: tuple[str, ...]
-  fn: Callable[..., np.ndarray]
-
-
-def _t(w):
-  return w.T
-
-
-def _ident(w):
-  return w
-
-
-def _conv(w):  # OIHW -> HWIO
-  return w.transpose(2, 3, 1, 0)
-
-
-def _concat_t(*ws):  # separate q, k, v (out, in) -> fused kernel (in, q|k|v)
-  return np.concatenate(ws, 0).T
-
-
-def _concat(*bs):
-  return np.concatenate(bs, 0)
-
-
-def _rows(begin: int, end: int):
-  def fn(w):
-    return w[begin:end].T
-  return fn
-
-
-def _wqkv(cfg: LLMConfig, part: str):
-  """InternLM2 wqkv rows [(G+2)*D per KV group: q_0..q_{G-1}, k, v] -> the q, k or v kernel."""
-  h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  g = h // k
-
-  def fn(w):
-    w = w.reshape(k, g + 2, d, w.shape[-1])
-    sel = {"q": w[:, :g], "k": w[:, g], "v": w[:, g + 1]}[part]
-    return sel.reshape(-1, w.shape[-1]).T
-  return fn
-
-
-@dataclasses.dataclass(frozen=True)
-class Names:
-  """Prefixes of a checkpoint's tensor names (its layout and spelling)."""
-
-  layout: str  # 'opengvlab' | 'hf'
-  vision: str  # 'vision_model.' | 'model.vision_tower.' | 'vision_tower.'
-  projector: str  # 'mlp1.' | 'model.multi_modal_projector.' | 'multi_modal_projector.'
-  body: str  # 'language_model.model.' | 'model.language_model.' | 'language_model.'
-  head: str  # full name of the LM head weight
-
-
-def names_of(hf: dict, keys: Sequence[str]) -> Names:
-  layout, family = layout_of(hf), family_of(hf)
-  keys = set(keys)
-  has = lambda prefix: any(k.startswith(prefix) for k in keys)
-  if layout == "opengvlab":
-    return Names(layout, "vision_model.", "mlp1.", "language_model.model.",
-                 "language_model.output.weight" if family == "internlm2" else "language_model.lm_head.weight")
-  vision = "model.vision_tower." if has("model.vision_tower.") or not has("vision_tower.") else "vision_tower."
-  projector = ("model.multi_modal_projector." if has("model.multi_modal_projector.") or not has("multi_modal_projector.")
-               else "multi_modal_projector.")
-  if has("model.language_model."):
-    body, head = "model.language_model.", "lm_head.weight"
-  elif has("language_model.model."):
-    body, head = "language_model.model.", "language_model.lm_head.weight"
-  elif has("language_model."):
-    body, head = "language_model.", "lm_head.weight"
-  else:
-    body, head = "model.language_model.", "lm_head.weight"
-  for candidate in ("lm_head.weight", "language_model.lm_head.weight"):
-    if candidate in keys:
-      head = candidate
-  return Names("hf", vision, projector, body, head)
-
-
-def _vision_entries(cfg: VisionConfig, n: Names) -> tuple[list[Entry], dict[str, tuple]]:
-  c, m, p, g = cfg.width, cfg.mlp_dim, cfg.patch_size, cfg.grid
-  entries: list[Entry] = []
-  shapes: dict[str, tuple] = {}
-
-  def add(path, sources, fn, *source_shapes):
-    entries.append(Entry(("vision_model",) + path, tuple(sources), fn))
-    shapes.update(dict(zip(sources, source_shapes)))
-
-  v = n.vision
-  ogv = n.layout == "opengvlab"
-  emb = v + "embeddings."
-  add(("class_embedding",), [emb + ("class_embedding" if ogv else "cls_token")], _ident, (1, 1, c))
-  add(("position_embedding",), [emb + ("position_embedding" if ogv else "position_embeddings")], _ident,
-      (1, 1 + g * g, c))
-  patch = emb + ("patch_embedding." if ogv else "patch_embeddings.projection.")
-  add(("patch_embedding", "kernel"), [patch + "weight"], _conv, (c, 3, p, p))
-  add(("patch_embedding", "bias"), [patch + "bias"], _ident, (c,))
-  norm_leaves = [("scale", "weight"), ("bias", "bias")] if cfg.norm_type == "layer_norm" else [("weight", "weight")]
-  for i in range(cfg.depth):
-    layer = f"{v}encoder.layers.{i}." if ogv else f"{v}encoder.layer.{i}."
-    lp = (f"layers_{i}",)
-    attn = layer + ("attn." if ogv else "attention.")
-    for ours, theirs in (("ls1", "ls1" if ogv else "lambda_1"), ("ls2", "ls2" if ogv else "lambda_2")):
-      add(lp + (ours,), [layer + theirs], _ident, (c,))
-    for ours, theirs in (("norm1", "norm1" if ogv else "layernorm_before"), ("norm2", "norm2" if ogv else "layernorm_after")):
-      for leaf, tleaf in norm_leaves:
-        add(lp + (ours, leaf), [f"{layer}{theirs}.{tleaf}"], _ident, (c,))
-    if ogv:
-      add(lp + ("attn", "qkv", "kernel"), [attn + "qkv.weight"], _t, (3 * c, c))
-      if cfg.qkv_bias:
-        add(lp + ("attn", "qkv", "bias"), [attn + "qkv.bias"], _ident, (3 * c,))
-      proj = attn + "proj."
-    else:
-      add(lp + ("attn", "qkv", "kernel"), [attn + f"{x}_proj.weight" for x in "qkv"], _concat_t, (c, c), (c, c), (c, c))
-      if cfg.qkv_bias:
-        add(lp + ("attn", "qkv", "bias"), [attn + f"{x}_proj.bias" for x in "qkv"], _concat, (c,), (c,), (c,))
-      proj = attn + "projection_layer."
-    if cfg.qk_norm:
-      for x in ("q_norm", "k_norm"):
-        add(lp + ("attn", x, "weight"), [f"{attn}{x}.weight"], _ident, (c,))
-    add(lp + ("attn", "proj", "kernel"), [proj + "weight"], _t, (c, c))
-    add(lp + ("attn", "proj", "bias"), [proj + "bias"], _ident, (c,))
-    add(lp + ("fc1", "kernel"), [layer + "mlp.fc1.weight"], _t, (m, c))
-    add(lp + ("fc1", "bias"), [layer + "mlp.fc1.bias"], _ident, (m,))
-    add(lp + ("fc2", "kernel"), [layer + "mlp.fc2.weight"], _t, (c, m))
-    add(lp + ("fc2", "bias"), [layer + "mlp.fc2.bias"], _ident, (c,))
-  return entries, shapes
-
-
-def _projector_entries(cfg: VLMConfig, n: Names) -> tuple[list[Entry], dict[str, tuple]]:
-  f = round(1 / cfg.downsample_ratio)
-  c_in, d = cfg.vision.width * f * f, cfg.llm.d_model
-  ogv = n.layout == "opengvlab"
-  norm, l1, l2 = (("0", "1", "3") if ogv else ("layer_norm", "linear_1", "linear_2"))
-  pre = n.projector
-  spec = [(("norm", "scale"), f"{pre}{norm}.weight", _ident, (c_in,)),
-          (("norm", "bias"), f"{pre}{norm}.bias", _ident, (c_in,)),
-          (("linear_1", "kernel"), f"{pre}{l1}.weight", _t, (d, c_in)),
-          (("linear_1", "bias"), f"{pre}{l1}.bias", _ident, (d,)),
-          (("linear_2", "kernel"), f"{pre}{l2}.weight", _t, (d, d)),
-          (("linear_2", "bias"), f"{pre}{l2}.bias", _ident, (d,))]
-  return ([Entry(("mlp1",) + path, (src,), fn) for path, src, fn, _ in spec],
-          {src: shape for _, src, _, shape in spec})
-
-
-def _llm_entries(cfg: LLMConfig, family: str, n: Names) -> tuple[list[Entry], dict[str, tuple]]:
-  d, h, k, hd, f, vocab = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
-  entries: list[Entry] = []
-  shapes: dict[str, tuple] = {}
-
-  def add(path, sources, fn, *source_shapes):
-    entries.append(Entry(("language_model",) + path, tuple(sources), fn))
-    shapes.update(dict(zip(sources, source_shapes)))
-
-  b = n.body
-  internlm2 = family == "internlm2"
-  add(("embed_tokens", "embedding"), [b + ("tok_embeddings.weight" if internlm2 else "embed_tokens.weight")], _ident,
-      (vocab, d))
-  add(("norm", "weight"), [b + "norm.weight"], _ident, (d,))
-  if not cfg.tie_embeddings:
-    add(("lm_head", "kernel"), [n.head], _t, (vocab, d))
-  qkv_rows = (h + 2 * k) * hd
-  for i in range(cfg.num_layers):
-    layer, lp = f"{b}layers.{i}.", (f"layers_{i}",)
-    if internlm2:
-      add(lp + ("input_layernorm", "weight"), [layer + "attention_norm.weight"], _ident, (d,))
-      add(lp + ("post_attention_layernorm", "weight"), [layer + "ffn_norm.weight"], _ident, (d,))
-      for x in "qkv":
-        add(lp + ("self_attn", f"{x}_proj", "kernel"), [layer + "attention.wqkv.weight"], _wqkv(cfg, x), (qkv_rows, d))
-      add(lp + ("self_attn", "o_proj", "kernel"), [layer + "attention.wo.weight"], _t, (d, h * hd))
-      for ours, theirs, shape in (("gate_proj", "w1", (f, d)), ("up_proj", "w3", (f, d)), ("down_proj", "w2", (d, f))):
-        add(lp + ("mlp", ours, "kernel"), [f"{layer}feed_forward.{theirs}.weight"], _t, shape)
-      continue
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-      add(lp + (norm, "weight"), [f"{layer}{norm}.weight"], _ident, (d,))
-    attn = layer + "self_attn."
-    if family == "phi3":
-      bounds = {"q": (0, h * hd), "k": (h * hd, (h + k) * hd), "v": ((h + k) * hd, qkv_rows)}
-      for x in "qkv":
-        add(lp + ("self_attn", f"{x}_proj", "kernel"), [attn + "qkv_proj.weight"], _rows(*bounds[x]), (qkv_rows, d))
-      add(lp + ("mlp", "gate_proj", "kernel"), [layer + "mlp.gate_up_proj.weight"], _rows(0, f), (2 * f, d))
-      add(lp + ("mlp", "up_proj", "kernel"), [layer + "mlp.gate_up_proj.weight"], _rows(f, 2 * f), (2 * f, d))
-    else:
-      for x, rows in (("q", h * hd), ("k", k * hd), ("v", k * hd)):
-        add(lp + ("self_attn", f"{x}_proj", "kernel"), [f"{attn}{x}_proj.weight"], _t, (rows, d))
-        if cfg.qkv_bias:
-          add(lp + ("self_attn", f"{x}_proj", "bias"), [f"{attn}{x}_proj.bias"], _ident, (rows,))
-      for x in ("gate_proj", "up_proj"):
-        add(lp + ("mlp", x, "kernel"), [f"{layer}mlp.{x}.weight"], _t, (f, d))
-    add(lp + ("self_attn", "o_proj", "kernel"), [attn + "o_proj.weight"], _t, (d, h * hd))
-    add(lp + ("mlp", "down_proj", "kernel"), [layer + "mlp.down_proj.weight"], _t, (d, f))
-  return entries, shapes
-
-
-def plan(cfg: VLMConfig, family: str, names: Names) -> tuple[list[Entry], dict[str, tuple]]:
-  """Every drex parameter with its source tensors, and the shape each source tensor must have."""
-  entries, shapes = [], {}
-  for part in (_vision_entries(cfg.vision, names), _projector_entries(cfg, names),
-               _llm_entries(cfg.llm, family, names)):
-    entries += part[0]
-    shapes.update(part[1])
-  return entries, shapes
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -592,7 +383,7 @@ def check(checkpoint: Checkpoint, shapes: dict[str, tuple], tied: bool = False) 
   for name in sorted(present & set(shapes)):
     if checkpoint.shape(name) != tuple(shapes[name]):
       problems.append(f"{name} has shape {checkpoint.shape(name)} but the config expects {tuple(shapes[name])}")
-    elif checkpoint.dtype_code(name) not in _FLOAT_CODES:
+    elif checkpoint.dtype_code(name) not in FLOAT_DTYPES:
       problems.append(f"{name} has dtype {checkpoint.dtype_code(name)}, not a float type")
   return problems
 
@@ -614,17 +405,17 @@ def load_params(directory: str, cfg: VLMConfig, hf: dict | None = None, sharding
   """
   hf = hf if hf is not None else read_json(os.path.join(directory, "config.json"), "checkpoint config")
   checkpoint = Checkpoint(directory)
-  family = family_of(hf)
-  names = names_of(hf, sorted(checkpoint.names()))
-  entries, shapes = plan(cfg, family, names)
-  problems = check(checkpoint, shapes, cfg.llm.tie_embeddings)
+  layout, family = layout_of(hf), llm_family(hf)
+  names = tensor_names.names_in(layout, family, checkpoint.names())
+  links = tensor_names.plan(cfg, family, names)
+  problems = check(checkpoint, tensor_names.hf_shapes(links), cfg.llm.tie_embeddings)
   if problems:
     raise UserError(f"checkpoint {directory} ({names.layout} layout, {family}) does not fit its config: "
                     f"{len(problems)} problem(s): " + "; ".join(problems))
   dtypes: dict[tuple[str, ...], Any] = {}
   if expected is not None:
     flat = flax.traverse_util.flatten_dict(expected)
-    ours = {e.path for e in entries}
+    ours = {path for link in links for path in link.params}
     if set(flat) != ours:
       raise ValueError(f"drex import plan and model disagree (a drex bug): model-only {sorted(set(flat) - ours)[:5]}, "
                        f"plan-only {sorted(ours - set(flat))[:5]}")
@@ -632,12 +423,12 @@ def load_params(directory: str, cfg: VLMConfig, hf: dict | None = None, sharding
   flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else {}
   default_dtype = jnp.dtype(cfg.param_dtype)
   out = {}
-  for entry in entries:
-    value = entry.fn(*[checkpoint.array(name) for name in entry.sources])
-    if expected is not None and tuple(value.shape) != tuple(flat[entry.path].shape):
-      raise ValueError(f"drex import made {entry.path} {value.shape}, model expects {flat[entry.path].shape} (a drex bug)")
-    value = np.asarray(value).astype(dtypes.get(entry.path, default_dtype))
-    out[entry.path] = _place(value, flat_shardings.get(entry.path))
+  for link in links:
+    for path, value in zip(link.params, link.to_drex(*[checkpoint.array(name) for name in link.hf])):
+      if expected is not None and tuple(value.shape) != tuple(flat[path].shape):
+        raise ValueError(f"drex import made {path} {value.shape}, model expects {flat[path].shape} (a drex bug)")
+      value = np.asarray(value).astype(dtypes.get(path, default_dtype))
+      out[path] = _place(value, flat_shardings.get(path))
   return flax.traverse_util.unflatten_dict(out)
 
 
@@ -684,6 +475,6 @@ def base_info(directory: str, dtype: str | None = None):
   template = template_of(hf)
   if template not in prompts.TEMPLATES:
     raise UserError(f"checkpoint chat template {template!r} is not one drex knows ({', '.join(prompts.TEMPLATES)})")
-  provenance = {"source": os.path.abspath(directory), "format": layout_of(hf), "llm_family": family_of(hf),
+  provenance = {"source": os.path.abspath(directory), "format": layout_of(hf), "llm_family": llm_family(hf),
                 "architectures": hf.get("architectures")}
   return BaseInfo(cfg, template, image_spec_of(hf, preprocessor), provenance), tokenizer

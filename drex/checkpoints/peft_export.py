@@ -1,6 +1,11 @@
 """Export to PyTorch users: a task's LoRA expert as a PEFT adapter, and base (+ an expert merged in)
 as a transformers-native `InternVLForConditionalGeneration` checkpoint.
 
+Owns: which transformers text model a drex base exports as (`export_family`), the PEFT adapter
+(fusing experts onto fused linears), the merged checkpoint's config.json, and writing both with the
+`safetensors` package. Tensor names and transforms come from `drex.checkpoints.tensor_names` (the
+plan import reads too), in the `NATIVE` spelling.
+
 PEFT folder (load with `peft.PeftModel.from_pretrained(InternVLForConditionalGeneration..., folder)`):
   adapter_config.json        LoRA r / lora_alpha / use_rslora, `target_modules` as a regex that only
                              matches the language model's linears (the vision tower also has q/k/v_proj)
@@ -22,53 +27,42 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from typing import Any, Callable, Iterable
 
 import flax
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
+from drex.checkpoints import tensor_names
+from drex.checkpoints.tensor_names import NATIVE
 from drex.errors import UserError
 from drex.models.config import VLMConfig
 
-# (shape, numpy dtype, producer of the array): tensors are produced one at a time while writing.
+# (shape, numpy dtype, producer of the array): tensors are produced when their shard is written.
 Lazy = tuple[tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
-
-_CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-          np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-          np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
-LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPORT_FAMILIES = ("qwen2", "llama", "phi3")
 
 
 # ----------------------------------------------------------------------------- safetensors writing
 
 
 def write_safetensors(path: str, tensors: dict[str, Lazy], metadata: dict[str, str] | None = None) -> None:
-  """Write tensors to one .safetensors file, producing (and dropping) them one at a time."""
-  header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-  offset = 0
-  names = sorted(tensors)
-  for name in names:
-    shape, dtype, _ = tensors[name]
-    dtype = np.dtype(dtype)
-    if dtype not in _CODES:
-      raise ValueError(f"cannot write dtype {dtype} to safetensors ({name})")
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-    offset += size
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
+  """Write tensors to one .safetensors file (atomically: a .tmp file renamed into place).
+
+  The `safetensors` package writes from a dict of arrays, so every tensor of the file is in host memory
+  while it is written (`write_sharded` bounds that by its shard size, as transformers' save_pretrained does).
+  """
+  arrays = {}
+  for name, (shape, dtype, produce) in tensors.items():
+    value = np.ascontiguousarray(np.asarray(produce()).astype(np.dtype(dtype), copy=False))  # the writer needs C order
+    if value.shape != tuple(shape):
+      raise ValueError(f"{name}: produced {value.shape}, declared {tuple(shape)}")
+    arrays[name] = value
   tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for name in names:
-      shape, dtype, produce = tensors[name]
-      value = np.ascontiguousarray(np.asarray(produce()).astype(np.dtype(dtype), copy=False))
-      if value.shape != tuple(shape):
-        raise ValueError(f"{name}: produced {value.shape}, declared {tuple(shape)}")
-      f.write(value.tobytes())
+  safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata or {"format": "pt"}))
   os.replace(tmp, path)
 
 
@@ -100,34 +94,26 @@ def write_sharded(directory: str, tensors: dict[str, Lazy], max_shard_bytes: int
 # ----------------------------------------------------------------------------- naming
 
 
-def family_of(cfg: VLMConfig, provenance: dict | None = None) -> str:
-  """The transformers text model a drex base exports to: 'qwen2', 'llama' or 'phi3'."""
+def export_family(cfg: VLMConfig, provenance: dict | None = None) -> str:
+  """The transformers text model a drex base exports as: 'qwen2', 'llama' or 'phi3' (InternLM2 -> Llama).
+
+  Not the family of a checkpoint config (`hf_import.llm_family`): this is the export target.
+  """
   family = (provenance or {}).get("llm_family")
   if family == "internlm2":
     return "llama"
-  if family in ("qwen2", "llama", "phi3"):
+  if family in EXPORT_FAMILIES:
     return family
   if cfg.llm.rope.kind == "longrope":
     return "phi3"
   return "qwen2" if cfg.llm.qkv_bias else "llama"
 
 
-def module_name(layer: int, target: str) -> str:
-  """HF-native module path of a drex decoder linear."""
-  group = "mlp" if target in ("gate_proj", "up_proj", "gate_up_proj", "down_proj") else "self_attn"
-  return f"model.language_model.layers.{layer}.{group}.{target}"
 
 
-def fused_groups(cfg: VLMConfig, family: str) -> dict[str, list[tuple[str, int]]]:
-  """HF module short name -> [(drex linear, d_out)] in output-row order (one part unless fused)."""
-  llm = cfg.llm
-  q, kv, f = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim, llm.d_ff
-  if family == "phi3":
-    return {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)], "o_proj": [("o_proj", llm.d_model)],
-            "gate_up_proj": [("gate_proj", f), ("up_proj", f)], "down_proj": [("down_proj", llm.d_model)]}
-  sizes = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": llm.d_model, "gate_proj": f, "up_proj": f,
-           "down_proj": llm.d_model}
-  return {t: [(t, sizes[t])] for t in LLM_TARGETS}
+def _check_family(family: str) -> None:
+  if family not in EXPORT_FAMILIES:
+    raise ValueError(f"cannot export as {family!r}: transformers' InternVL text models here are {EXPORT_FAMILIES}")
 
 
 # ----------------------------------------------------------------------------- PEFT adapter
@@ -140,41 +126,41 @@ def _np(x) -> np.ndarray:
 def peft_adapter(experts: Any, index: int, cfg: VLMConfig, family: str, r: int, lora_alpha: float,
                  rslora: bool = False) -> tuple[dict[str, np.ndarray], dict]:
   """(PEFT state dict, adapter_config fields) of expert `index` of an experts tree."""
+  _check_family(family)
   flat = flax.traverse_util.flatten_dict(experts)
-  layers: dict[int, dict[str, dict[str, Any]]] = {}
+  modules: dict[tuple[int, str], dict[str, Any]] = {}  # (layer, drex linear) -> {lora_a, lora_b}
   for path, leaf in flat.items():
     if path[0] != "language_model" or not path[1].startswith("layers_"):
       raise UserError(f"expert entry {'/'.join(path)} is not a decoder linear; cannot export it to PEFT")
-    layers.setdefault(int(path[1].split("_")[1]), {}).setdefault(path[-2], {})[path[-1]] = leaf
+    modules.setdefault((int(path[1].split("_")[1]), path[-2]), {})[path[-1]] = leaf
   tensors: dict[str, np.ndarray] = {}
   rank_pattern, alpha_pattern, targets = {}, {}, set()
-  for layer, modules in sorted(layers.items()):
-    for hf_name, parts in fused_groups(cfg, family).items():
-      present = [(name, d_out) for name, d_out in parts if name in modules]
-      if not present:
-        continue
-      d_total = sum(d for _, d in parts)
-      d_in = modules[present[0][0]]["lora_a"].shape[1]
-      a = np.zeros((d_in, len(present) * r), np.float32)
-      b = np.zeros((len(present) * r, d_total), np.float32)
-      row, slot = 0, 0
-      for name, d_out in parts:
-        if name in modules:
-          a[:, slot * r:(slot + 1) * r] = _np(modules[name]["lora_a"][index])
-          b[slot * r:(slot + 1) * r, row:row + d_out] = _np(modules[name]["lora_b"][index])
-          slot += 1
-        row += d_out
-      prefix = f"base_model.model.{module_name(layer, hf_name)}"
-      tensors[prefix + ".lora_A.weight"] = a.T.copy()
-      tensors[prefix + ".lora_B.weight"] = b.T.copy()
-      targets.add(hf_name)
-      if len(present) > 1:  # keep scale alpha/r (or alpha/sqrt(r)) at the fused rank P*r
-        rank_pattern[hf_name] = len(present) * r
-        alpha_pattern[hf_name] = lora_alpha * (math.sqrt(len(present)) if rslora else len(present))
+  for linear in tensor_names.decoder_linears(tensor_names.llm_links(cfg.llm, family, NATIVE)):
+    present = [(name, d_out) for name, d_out in linear.parts if (linear.layer, name) in modules]
+    if not present:
+      continue
+    d_total = sum(d for _, d in linear.parts)
+    d_in = modules[linear.layer, present[0][0]]["lora_a"].shape[1]
+    a = np.zeros((d_in, len(present) * r), np.float32)
+    b = np.zeros((len(present) * r, d_total), np.float32)
+    row, slot = 0, 0
+    for name, d_out in linear.parts:
+      if (linear.layer, name) in modules:
+        a[:, slot * r:(slot + 1) * r] = _np(modules[linear.layer, name]["lora_a"][index])
+        b[slot * r:(slot + 1) * r, row:row + d_out] = _np(modules[linear.layer, name]["lora_b"][index])
+        slot += 1
+      row += d_out
+    hf_name = linear.module.rsplit(".", 1)[1]
+    tensors[f"base_model.model.{linear.module}.lora_A.weight"] = a.T.copy()
+    tensors[f"base_model.model.{linear.module}.lora_B.weight"] = b.T.copy()
+    targets.add(hf_name)
+    if len(present) > 1:  # keep scale alpha/r (or alpha/sqrt(r)) at the fused rank P*r
+      rank_pattern[hf_name] = len(present) * r
+      alpha_pattern[hf_name] = lora_alpha * (math.sqrt(len(present)) if rslora else len(present))
   if not tensors:
     raise UserError("the adapter holds no decoder linears to export")
   groups = sorted(targets)
-  regex = r"^model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(groups) + r")$"
+  regex = "^" + re.escape(NATIVE.body) + r"layers\.\d+\.(self_attn|mlp)\.(" + "|".join(groups) + r")$"
   fields = {"r": r, "lora_alpha": lora_alpha, "use_rslora": rslora, "target_modules": regex,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
   return tensors, fields
@@ -205,84 +191,19 @@ def export_peft(out_dir: str, experts: Any, index: int, cfg: VLMConfig, family: 
 
 def hf_state(params: Any, cfg: VLMConfig, family: str, dtype: np.dtype | None = None) -> dict[str, Lazy]:
   """transformers-native state dict of drex base params (lazily converted, one tensor at a time)."""
+  _check_family(family)
   flat = flax.traverse_util.flatten_dict(params)
+  links = tensor_names.plan(cfg, family, NATIVE)
+  missing = sorted({"/".join(path) for link in links for path in link.params if path not in flat})
+  if missing:
+    raise UserError(f"base params have no {', '.join(missing)}")
   out: dict[str, Lazy] = {}
-
-  def get(*path):
-    if path not in flat:
-      raise UserError(f"base params have no {'/'.join(path)}")
-    return flat[path]
-
-  def add(name: str, fn: Callable[[], np.ndarray], shape: tuple[int, ...], src_dtype):
-    out[name] = (tuple(shape), np.dtype(dtype or src_dtype), fn)
-
-  def leaf(name, path, convert=lambda x: x, shape=None):
-    x = get(*path)
-    add(name, lambda: convert(np.asarray(x)), shape or tuple(x.shape), x.dtype)
-
-  v, lm = ("vision_model",), ("language_model",)
-  vc, llm = cfg.vision, cfg.llm
-  c = vc.width
-  vt = "model.vision_tower."
-  leaf(vt + "embeddings.cls_token", v + ("class_embedding",))
-  leaf(vt + "embeddings.position_embeddings", v + ("position_embedding",))
-  kernel = get(*v, "patch_embedding", "kernel")
-  leaf(vt + "embeddings.patch_embeddings.projection.weight", v + ("patch_embedding", "kernel"),
-       lambda x: x.transpose(3, 2, 0, 1), (kernel.shape[3], kernel.shape[2], kernel.shape[0], kernel.shape[1]))
-  leaf(vt + "embeddings.patch_embeddings.projection.bias", v + ("patch_embedding", "bias"))
-  norm_leaves = [("scale", "weight"), ("bias", "bias")] if vc.norm_type == "layer_norm" else [("weight", "weight")]
-  for i in range(vc.depth):
-    lp, pre = v + (f"layers_{i}",), f"{vt}encoder.layer.{i}."
-    leaf(pre + "lambda_1", lp + ("ls1",))
-    leaf(pre + "lambda_2", lp + ("ls2",))
-    for ours, theirs in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
-      for a, b in norm_leaves:
-        leaf(f"{pre}{theirs}.{b}", lp + (ours, a))
-    for j, x in enumerate("qkv"):
-      leaf(f"{pre}attention.{x}_proj.weight", lp + ("attn", "qkv", "kernel"), lambda w, j=j: w[:, j * c:(j + 1) * c].T,
-           (c, c))
-      if vc.qkv_bias:
-        leaf(f"{pre}attention.{x}_proj.bias", lp + ("attn", "qkv", "bias"), lambda w, j=j: w[j * c:(j + 1) * c], (c,))
-    if vc.qk_norm:
-      for x in ("q_norm", "k_norm"):
-        leaf(f"{pre}attention.{x}.weight", lp + ("attn", x, "weight"))
-    leaf(pre + "attention.projection_layer.weight", lp + ("attn", "proj", "kernel"), _t, (c, c))
-    leaf(pre + "attention.projection_layer.bias", lp + ("attn", "proj", "bias"))
-    for fc in ("fc1", "fc2"):
-      k = get(*lp, fc, "kernel")
-      leaf(f"{pre}mlp.{fc}.weight", lp + (fc, "kernel"), _t, k.shape[::-1])
-      leaf(f"{pre}mlp.{fc}.bias", lp + (fc, "bias"))
-  mp = "model.multi_modal_projector."
-  leaf(mp + "layer_norm.weight", ("mlp1", "norm", "scale"))
-  leaf(mp + "layer_norm.bias", ("mlp1", "norm", "bias"))
-  for x in ("linear_1", "linear_2"):
-    leaf(f"{mp}{x}.weight", ("mlp1", x, "kernel"), _t, get("mlp1", x, "kernel").shape[::-1])
-    leaf(f"{mp}{x}.bias", ("mlp1", x, "bias"))
-  body = "model.language_model."
-  leaf(body + "embed_tokens.weight", lm + ("embed_tokens", "embedding"))
-  leaf(body + "norm.weight", lm + ("norm", "weight"))
-  if not llm.tie_embeddings:
-    leaf("lm_head.weight", lm + ("lm_head", "kernel"), _t, (llm.vocab_size, llm.d_model))
-  groups = fused_groups(cfg, family)
-  for i in range(llm.num_layers):
-    lp, pre = lm + (f"layers_{i}",), f"{body}layers.{i}."
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-      leaf(f"{pre}{norm}.weight", lp + (norm, "weight"))
-    for hf_name, parts in groups.items():
-      group = module_name(i, hf_name).rsplit(".", 2)[1]
-      kernels = [get(*lp, "mlp" if p in ("gate_proj", "up_proj", "down_proj") else "self_attn", p, "kernel")
-                 for p, _ in parts]
-      d_in = kernels[0].shape[0]
-      d_out = sum(d for _, d in parts)
-      add(f"{pre}{group}.{hf_name}.weight",
-          lambda ks=kernels: np.concatenate([np.asarray(k) for k in ks], 1).T, (d_out, d_in), kernels[0].dtype)
-      if llm.qkv_bias and hf_name in ("q_proj", "k_proj", "v_proj"):
-        leaf(f"{pre}self_attn.{hf_name}.bias", lp + ("self_attn", hf_name, "bias"))
+  for link in links:
+    leaves = [flat[path] for path in link.params]
+    out_dtype = np.dtype(dtype or leaves[0].dtype)
+    for j, (name, shape) in enumerate(zip(link.hf, link.shapes)):
+      out[name] = (shape, out_dtype, lambda link=link, leaves=leaves, j=j: link.to_hf(*map(np.asarray, leaves))[j])
   return out
-
-
-def _t(x):
-  return x.T
 
 
 def hf_config(cfg: VLMConfig, family: str, torch_dtype: str) -> dict:
@@ -330,9 +251,8 @@ def export_merged(out_dir: str, params: Any, cfg: VLMConfig, family: str, expert
   if experts is not None:
     params = lora.merge_into_base(params, experts, index, scale)
   name = dtype or cfg.param_dtype
-  np_dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
   os.makedirs(out_dir, exist_ok=True)
-  files = write_sharded(out_dir, hf_state(params, cfg, family, np_dtype), max_shard_bytes)
+  files = write_sharded(out_dir, hf_state(params, cfg, family, jnp.dtype(name)), max_shard_bytes)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config(cfg, family, name), f, indent=2)
   if tokenizer is not None:

@@ -7,12 +7,7 @@ import jax.numpy as jnp
 
 from drex.models.layers import dtype_of
 from drex.models.llm import init_cache
-from drex.models.vlm import VLM
-
-
-def prompt_positions(attention_mask: jax.Array) -> jax.Array:
-  """Position ids of a left-padded batch: [B, L] -> [B, L] (0 at each example's first real token)."""
-  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+from drex.models.vlm import VLM, prompt_positions
 
 
 def greedy_generate(model: VLM, variables: dict, pixel_values: jax.Array | None, input_ids: jax.Array,

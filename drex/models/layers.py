@@ -1,7 +1,8 @@
-"""Building blocks shared by the vision encoder and the LLM: norms, rotary embedding, dtype names."""
+"""Building blocks shared by the vision encoder and the LLM: linears, norms, rotary embedding, dtype names."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -35,6 +36,38 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
     return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias). kernel: [d_in, features] with logical axes `axes`; x: [..., d_in] -> [..., features]."""
+
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFactory:
+  """What the LLM builds for each of its linears: a plain `Linear` here. Another package can inject a
+  subclass of both (drex.adapters.lora.AdapterSpec builds linears that add routed LoRA experts); the param
+  paths stay those of `Linear`. Frozen and compared by value, so models holding one stay jit-static."""
+
+  def __call__(self, features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, param_dtype: Dtype,
+               name: str) -> nn.Module:
+    return Linear(features, axes, use_bias, dtype, param_dtype, name=name)
 
 
 def layer_norm(eps: float, param_dtype: Dtype, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:

@@ -1,5 +1,6 @@
-"""The decoder LLM: RMSNorm, RoPE, grouped-query attention, SwiGLU; every linear of the decoder
-layers is an `AdaptedDense`, so LoRA experts can be routed into it.
+"""The decoder LLM: RMSNorm, RoPE, grouped-query attention, SwiGLU. Every linear of the decoder layers is
+built by the injected `linear` factory (drex.models.layers.LinearFactory: a plain Linear by default), so
+another package can add to them (drex.adapters routes LoRA experts in) without this module knowing.
 
 Shapes: B batch, L query length, S key/cache length, H heads, K kv heads, D head dim, d model width.
 Sequences are left-padded: `kv_mask [B, S]` says which key slots hold real tokens, and slot j may be
@@ -14,9 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drex.adapters.lora import AdaptedDense, AdapterSpec
 from drex.models.config import LLMConfig
-from drex.models.layers import RMSNorm, apply_rope, rope_tables
+from drex.models.layers import LinearFactory, RMSNorm, apply_rope, rope_tables
 
 Cache = dict[str, dict[str, jax.Array]]  # {'layers_i': {'k': [B, S, K, D], 'v': [B, S, K, D]}}
 
@@ -32,7 +32,7 @@ class Attention(nn.Module):
   """Grouped-query self-attention with rotary positions and an optional KV cache."""
 
   cfg: LLMConfig
-  adapter: AdapterSpec
+  linear: LinearFactory
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -45,8 +45,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     b, l, _ = x.shape
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dense = lambda f, axes, bias, name: AdaptedDense(f, axes, bias, self.adapter, self.dtype, self.param_dtype,
-                                                     name=name)
+    dense = lambda f, axes, bias, name: self.linear(f, axes, bias, self.dtype, self.param_dtype, name=name)
     q = dense(h * d, ("embed", "heads"), cfg.qkv_bias, "q_proj")(x).reshape(b, l, h, d)
     key = dense(k * d, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(x).reshape(b, l, k, d)
     value = dense(k * d, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(x).reshape(b, l, k, d)
@@ -71,23 +70,23 @@ class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   cfg: LLMConfig
-  adapter: AdapterSpec
+  linear: LinearFactory
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     """x: [B, L, d] -> [B, L, d]."""
-    dense = lambda f, axes, name: AdaptedDense(f, axes, False, self.adapter, self.dtype, self.param_dtype, name=name)
+    dense = lambda f, axes, name: self.linear(f, axes, False, self.dtype, self.param_dtype, name=name)
     gate = dense(self.cfg.d_ff, ("embed", "mlp"), "gate_proj")(x)
     up = dense(self.cfg.d_ff, ("embed", "mlp"), "up_proj")(x)
-    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
     return dense(self.cfg.d_model, ("mlp", "embed"), "down_proj")(hidden)
 
 
 class DecoderLayer(nn.Module):
   cfg: LLMConfig
-  adapter: AdapterSpec
+  linear: LinearFactory
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -95,18 +94,18 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, cos, sin, kv_mask, cache=None, cache_index=0):
     """x: [B, L, d] -> ([B, L, d], cache)."""
     eps, pd = self.cfg.norm_eps, self.param_dtype
-    attn_out, cache = Attention(self.cfg, self.adapter, self.dtype, pd, name="self_attn")(
+    attn_out, cache = Attention(self.cfg, self.linear, self.dtype, pd, name="self_attn")(
         RMSNorm(eps, pd, name="input_layernorm")(x), cos, sin, kv_mask, cache, cache_index)
     x = x + attn_out
-    x = x + MLP(self.cfg, self.adapter, self.dtype, pd, name="mlp")(RMSNorm(eps, pd, name="post_attention_layernorm")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+    x = x + MLP(self.cfg, self.linear, self.dtype, pd, name="mlp")(RMSNorm(eps, pd, name="post_attention_layernorm")(x))
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
 class Decoder(nn.Module):
   """Token embedding, decoder layers, final norm, LM head."""
 
   cfg: LLMConfig
-  adapter: AdapterSpec = AdapterSpec()
+  linear: LinearFactory = LinearFactory()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -115,7 +114,7 @@ class Decoder(nn.Module):
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-    self.layers = [DecoderLayer(cfg, self.adapter, self.dtype, self.param_dtype, name=f"layers_{i}")
+    self.layers = [DecoderLayer(cfg, self.linear, self.dtype, self.param_dtype, name=f"layers_{i}")
                    for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.norm_eps, self.param_dtype)
     if not cfg.tie_embeddings:
@@ -133,7 +132,7 @@ class Decoder(nn.Module):
     Returns (logits [B, L, vocab] float32, updated cache or None).
     """
     cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope)
-    x = nn.with_logical_constraint(embeds.astype(self.dtype), ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(embeds.astype(self.dtype), ("activation_batch", "activation_length", "activation_embed"))
     new_cache = {} if cache is not None else None
     for i, layer in enumerate(self.layers):
       name = f"layers_{i}"
@@ -142,4 +141,4 @@ class Decoder(nn.Module):
         new_cache[name] = layer_cache
     x = self.norm(x)
     logits = self.embed_tokens.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab")), new_cache
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")), new_cache

@@ -95,7 +95,7 @@ class VisionBlock(nn.Module):
     x = x + scale("ls1") * VisionAttention(self.cfg, self.dtype, self.param_dtype, name="attn")(self._norm("norm1")(x))
     hidden = gelu(dense(self.cfg.mlp_dim, ("embed", "mlp"), "fc1")(self._norm("norm2")(x)))
     x = x + scale("ls2") * dense(c, ("mlp", "embed"), "fc2")(hidden)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 class InternViT(nn.Module):

@@ -15,9 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drex.adapters.lora import AdapterSpec
 from drex.models.config import VLMConfig
-from drex.models.layers import dtype_of, gelu, layer_norm
+from drex.models.layers import LinearFactory, dtype_of, gelu, layer_norm
 from drex.models.llm import Cache, Decoder
 from drex.models.vit import InternViT
 
@@ -54,17 +53,18 @@ class Projector(nn.Module):
 
 
 class VLM(nn.Module):
-  """params: {'vision_model', 'mlp1', 'language_model'}; adapters live in 'experts' / 'router'."""
+  """params: {'vision_model', 'mlp1', 'language_model'}. `linear` builds the LLM's linears (a package that
+  adds to them, such as drex.adapters, injects its own factory and reads its own variable collections)."""
 
   config: VLMConfig
-  adapter: AdapterSpec = AdapterSpec()
+  linear: LinearFactory = LinearFactory()
 
   def setup(self):
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     self.vision_model = InternViT(cfg.vision, dtype, pdtype)
     self.mlp1 = Projector(cfg.llm.d_model, cfg.projector_norm_eps, dtype, pdtype)
-    self.language_model = Decoder(cfg.llm, self.adapter, dtype, pdtype)
+    self.language_model = Decoder(cfg.llm, self.linear, dtype, pdtype)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """[B, N, H, W, 3] -> image features [B, N * tokens_per_tile, d_llm]."""
@@ -72,7 +72,7 @@ class VLM(nn.Module):
     feats = self.vision_model(pixel_values.reshape((b * n,) + pixel_values.shape[2:]))
     feats = pixel_shuffle(feats, self.config.downsample_ratio)
     feats = self.mlp1(feats.reshape(b, -1, feats.shape[-1]))
-    return nn.with_logical_constraint(feats, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(feats, ("activation_batch", "activation_length", "activation_embed"))
 
   def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
     """Token embeddings with the k-th `<IMG_CONTEXT>` of each example replaced by its k-th image feature."""
@@ -88,6 +88,16 @@ class VLM(nn.Module):
   def __call__(self, pixel_values, input_ids, positions, kv_mask, cache: Cache | None = None, cache_index=0):
     """Returns (logits [B, L, vocab] float32, updated cache or None). pixel_values may be None (no images)."""
     return self.language_model(self.embed(input_ids, pixel_values), positions, kv_mask, cache, cache_index)
+
+
+def prompt_positions(attention_mask: jax.Array) -> jax.Array:
+  """Position ids of a left-padded batch: [B, L] -> [B, L] (0 at each example's first real token)."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def model_inputs(pixel_values, input_ids, attention_mask) -> tuple:
+  """A left-padded batch's arrays -> VLM.__call__'s (pixel_values, input_ids, positions, kv_mask)."""
+  return pixel_values, input_ids, prompt_positions(attention_mask), attention_mask.astype(bool)
 
 
 def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,9 +1,9 @@
 """The one training loop: differentiate one variable collection (the slice being trained), keep
 the others frozen. Optimizer state therefore has the size of the trained slice only.
 
-  pretraining : trains 'params' (the whole base)
-  stage A     : trains 'experts' (one new LoRA expert, base frozen)
-  stage B     : trains 'router' (that expert's routing vectors, expert and base frozen)
+  pretraining     : trains 'params' (the whole base)
+  expert training : trains 'experts' (one new LoRA expert, base frozen)
+  router training : trains 'router' (that expert's routing vectors, expert and base frozen)
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from drex.checkpoints.stage import Preempted, StageCheckpoint, stop_requested
 from drex.errors import UserError
-from drex.models.generation import prompt_positions
-from drex.models.vlm import VLM, answer_loss
+from drex.models.vlm import VLM, answer_loss, model_inputs
 from drex.parallel import Parallel
 
 log = logging.getLogger(__name__)
@@ -59,9 +58,7 @@ def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainSta
 
 def batch_loss(model: VLM, variables: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
   """(sum of answer-token losses, answer-token count) of one batch."""
-  mask = batch["attention_mask"]
-  logits, _ = model.apply(variables, batch["pixel_values"], batch["input_ids"], prompt_positions(mask),
-                          mask.astype(bool))
+  logits, _ = model.apply(variables, *model_inputs(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
   return answer_loss(logits, batch["input_ids"], batch["loss_mask"])
 
 

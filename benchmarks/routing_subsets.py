@@ -9,7 +9,8 @@ training again:
       '{"k":2};{"k":2,"null":true};{"k":2,"null":true,"cal":true,"T":0.5}'
 
 Subsets are ';'-separated lists of tasks; settings are ';'-separated JSON objects with k, T (temperature),
-null (null expert) and cal (calibrated scores); what a setting leaves out is the run's own router config
+null (null expert), cal (calibrated scores), level ('token', 'sequence', 'hybrid') and cand (the hybrid's
+candidates per sequence); what a setting leaves out is the run's own router config
 (`{}` = the routing the run evaluated with). An optional fourth argument names the split the
 accuracies are measured on: 'validation' (default; choose settings there) or 'test'. Prints one line
 per subset and setting: each task's and each foundation member's accuracy.
@@ -38,7 +39,9 @@ def main(workdir: str, subsets: str, settings: str, split: str = "validation") -
     for setting in [json.loads(s) for s in settings.split(";")]:
       cfg.router.update(k=setting.get("k", run_router["k"]), temperature=setting.get("T", run_router["temperature"]),
                         null_expert=setting.get("null", run_router["null_expert"]),
-                        calibrate=setting.get("cal", run_router["calibrate"]))
+                        calibrate=setting.get("cal", run_router["calibrate"]),
+                        level=setting.get("level", run_router.get("level", "token")),
+                        candidates=setting.get("cand", run_router.get("candidates", 2)))
       router = routers.from_config(cfg.router, len(subset))
       tree = lora.merge_trees(vectors, null) if "null_v" in router.reads() else vectors
       row = stream.evaluate_row(run, router, {"experts": experts, "router": tree}, columns)

@@ -11,6 +11,7 @@ import contextlib
 import os
 
 import ml_collections
+import numpy as np
 
 from drex import parallel
 from drex.adapters import lora, routers
@@ -31,6 +32,7 @@ def stream_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed: expert init and data order
   c.tasks = MAIN_STREAM  # the specialized tasks, learned in this order
+  c.task_order_seed = -1  # >= 0: learn the same tasks in another order (a fixed permutation per seed)
   c.foundation = tuple(tasks.FOUNDATION)  # suite that measures what the base keeps
   c.sources = ml_collections.ConfigDict()  # name -> source spec (drex.data.sources); names without one are embedded
   c.methods = METHODS  # 'routing' (the method, + oracle), 'sequential' (one LoRA, task after task), 'mtl'
@@ -115,6 +117,7 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
   c.data.eval_batch_size = eval_batch_size  # prompts per generation batch
   c.data.max_tiles = 7  # 6 tiles + thumbnail, as InternVL's fine-tuning scripts (max_dynamic_patch 6)
   c.router.temperature = 1.0  # PHATGOOSE
+  c.router.level = "token"  # PHATGOOSE, as the paper (the embedded default's hybrid level is not measured here)
   if fsdp:
     c.mesh = (1, -1, 1)  # FSDP over every device: the bf16 base is sharded, not replicated
   return c
@@ -226,6 +229,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("eval_size", "workers", "seq_len", "max_tiles"):
     if c.data[key] < 0:
       raise UserError(f"config.data.{key} must be >= 0, got {c.data[key]}")
+
+
+def ordered(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with its tasks in the order task_order_seed says (a permutation of the sorted task names, so
+  applying it again changes nothing); task_order_seed < 0 keeps the given order."""
+  if c.get("task_order_seed", -1) >= 0:
+    order = np.random.default_rng(c.task_order_seed).permutation(len(c.tasks))
+    c.tasks = tuple(sorted(c.tasks)[i] for i in order)
+  return c
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import time
+import zlib
 from typing import Any, Callable
 
 import flax
@@ -91,18 +92,28 @@ class Run:
     placed = {k: self.parallel.put(v, shardings[k]) for k, v in adapters.items()}
     return {"params": self.base.params, **placed} if "params" in variables else placed
 
-  def new_expert(self, index: int) -> Any:
-    rng = jax.random.fold_in(jax.random.key(self.cfg.seed), index)
+  def new_expert(self, name: str) -> Any:
+    """A fresh LoRA expert, its init seeded by `name` (a task's: the same whatever its place in the stream)."""
+    rng = jax.random.fold_in(jax.random.key(self.cfg.seed), name_seed(name))
     return lora.init_experts(self.base.params, self.cfg.lora.r, list(self.cfg.lora.target_modules), rng)
 
   def expert_shapes(self) -> Any:
-    return jax.eval_shape(lambda: self.new_expert(0))
+    return jax.eval_shape(lambda: self.new_expert("shapes"))
+
+  def data_seed(self, name: str) -> int:
+    """The data order of a task's training: from its name, not its place in the stream."""
+    return self.cfg.seed + name_seed(name)
+
+
+def name_seed(name: str) -> int:
+  """A stable 31-bit number from a name (what seeds a task's expert and data order)."""
+  return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 def open_run(cfg: ml_collections.ConfigDict, workdir: str, eval_only: bool = False) -> Run:
   """Check the config and workdir, load the base and the data; a training run then records itself. Nothing
   is written before every check has passed."""
-  config_lib.validate(cfg)
+  config_lib.validate(config_lib.ordered(cfg))
   if not eval_only:
     store.check_writable(workdir)
   tfds.disable_progress_bar()
@@ -135,9 +146,11 @@ def open_run(cfg: ml_collections.ConfigDict, workdir: str, eval_only: bool = Fal
 # ------------------------------------------------------------------------------------------ where adapters live
 
 
-def _fingerprint(run: Run, *parts) -> str:
+def _fingerprint(run: Run, names: list[str], *parts) -> str:
+  """Of what an adapter trained on the data of `names` depends on (never the stream's other tasks)."""
   c = run.cfg
-  return workdir_lib.fingerprint(c.seed, c.lora, c.expert_training, c.data.batch_size, run.data.seq_len, *parts)
+  return workdir_lib.fingerprint(c.seed, c.lora, c.expert_training, c.data.batch_size,
+                                 [run.data.seq_len[n] for n in names], *parts)
 
 
 def _data_identity(run: Run, names) -> list:
@@ -150,14 +163,14 @@ def routing_slot(run: Run, i: int) -> workdir_lib.Slot:
   """Task i's expert and routing vectors."""
   task = run.cfg.tasks[i]
   return workdir_lib.Slot(os.path.join(run.workdir, "adapters", task),
-                          _fingerprint(run, task, i, run.cfg.router_training, *_data_identity(run, [task])))
+                          _fingerprint(run, [task], task, run.cfg.router_training, *_data_identity(run, [task])))
 
 
 def sequential_slot(run: Run, i: int) -> workdir_lib.Slot:
   """The sequential baseline's LoRA after task i."""
   tasks = list(run.cfg.tasks[:i + 1])
   return workdir_lib.Slot(os.path.join(run.workdir, "baselines", "sequential", f"{i}_{tasks[-1]}"),
-                          _fingerprint(run, "sequential", tasks, *_data_identity(run, tasks)))
+                          _fingerprint(run, tasks, "sequential", tasks, *_data_identity(run, tasks)))
 
 
 def mtl_steps(cfg: ml_collections.ConfigDict) -> int:
@@ -167,7 +180,7 @@ def mtl_steps(cfg: ml_collections.ConfigDict) -> int:
 def mtl_slot(run: Run) -> workdir_lib.Slot:
   tasks = list(run.cfg.tasks)
   return workdir_lib.Slot(os.path.join(run.workdir, "baselines", "mtl"),
-                          _fingerprint(run, "mtl", tasks, mtl_steps(run.cfg), *_data_identity(run, tasks)))
+                          _fingerprint(run, tasks, "mtl", tasks, mtl_steps(run.cfg), *_data_identity(run, tasks)))
 
 
 def planned_slots(run: Run) -> list[workdir_lib.Slot]:
@@ -244,7 +257,7 @@ def _sample_batches(run: Run, records, encoder: pipeline.Encoder, prompt_len: in
 
 
 def _moments(run: Run, batches, vectors: dict | None = None) -> dict:
-  variables = run.place({"params": None, "experts": run.new_expert(0)})  # B = 0: the base's inputs
+  variables = run.place({"params": None, "experts": run.new_expert("base")})  # B = 0: the base's inputs
   return prototypes.input_moments(run.model(), variables, batches, run.parallel, vectors)
 
 
@@ -276,7 +289,7 @@ def null_prototypes(run: Run) -> Any:
   its member's prompts, null_stats [K, 2]. Made once, kept in WORKDIR/null_expert."""
   directory = os.path.join(run.workdir, "null_expert")
   k = len(run.cfg.foundation)
-  shapes = jax.eval_shape(lambda: lora.init_router(lora.stack([run.new_expert(0)] * k), ("v", "v_stats")))
+  shapes = jax.eval_shape(lambda: lora.init_router(lora.stack([run.new_expert("shapes")] * k), ("v", "v_stats")))
   expected = _rename_leaves(_rename_leaves(shapes, "v", "null_v"), "v_stats", "null_stats")
   if store.isdir(directory):
     return store.load_tree(directory, expected, "null-expert prototypes")
@@ -356,18 +369,19 @@ def learn_routing(run: Run, base_row: Row) -> tuple[dict, dict]:
   config's router. Returns (its results entry, {'oracle', 'routing_profiles'})."""
   cfg = run.cfg
   expected = run.expert_shapes()
-  experts, vectors, rows, oracle = [], [], [base_row], {}
+  experts, vectors, rows, oracle, seconds = [], [], [base_row], {}, []
   null = null_prototypes(run) if "null_v" in routers.from_config(cfg.router, 1).reads() else None
   for i, task in enumerate(cfg.tasks):
+    begin = time.time()
 
     def train(i=i, task=task):
       with run.timed("routing/expert"):
-        ex, sa, ca = train_expert(run, f"[routing] {task} expert", f"{i}_{task}_expert", run.new_expert(i), [task],
-                                  cfg.seed + i)
+        ex, sa, ca = train_expert(run, f"[routing] {task} expert", f"{task}_expert", run.new_expert(task), [task],
+                                  run.data_seed(task))
       with run.timed("routing/router"):
-        rt, sb, cb = train_router(run, f"[routing] {task} router", f"{i}_{task}_router", ex, task, cfg.seed + i)
+        rt, sb, cb = train_router(run, f"[routing] {task} router", f"{task}_router", ex, task, run.data_seed(task))
         rt = lora.merge_trees(rt, vector_statistics(run, rt, task))
-      return ex, rt, _lora_meta(run, task=task, index=i, expert_training=sa, router_training=sb), [ca, cb]
+      return ex, rt, _lora_meta(run, task=task, expert_training=sa, router_training=sb), [ca, cb]
 
     ex, rt = workdir_lib.load_or_train(routing_slot(run, i), expected, lora.init_router(expected, ("v", "v_stats")),
                                        run.eval_only, train)
@@ -383,9 +397,12 @@ def learn_routing(run: Run, base_row: Row) -> tuple[dict, dict]:
       rows.append(evaluate_row(run, router, variables))
     _log_row(run, "routing", i + 1, rows[-1])
     log.info("[routing] oracle %s: %.3f", task, oracle[task])
+    seconds.append(round(time.time() - begin, 1))
   with run.timed("routing/analysis"):
     profiles = routing_profiles(run, router, variables)
-  return _method_entry(run, rows), {"oracle": oracle, "routing_profiles": {"routing": profiles}}
+  entry = _method_entry(run, rows)
+  entry["seconds_per_task"] = seconds  # its expert, its routing vectors and the evaluation after it
+  return entry, {"oracle": oracle, "routing_profiles": {"routing": profiles}}
 
 
 def learn_sequential(run: Run, base_row: Row) -> tuple[dict, dict]:
@@ -393,12 +410,13 @@ def learn_sequential(run: Run, base_row: Row) -> tuple[dict, dict]:
   cfg = run.cfg
   expected = run.expert_shapes()
   rows = [base_row]
-  current = run.new_expert(0)
+  current = run.new_expert(cfg.tasks[0])  # the routing method's first expert starts here too
   for i, task in enumerate(cfg.tasks):
 
     def train(i=i, task=task, start=current):
       with run.timed("sequential/train"):
-        ex, sa, ca = train_expert(run, f"[sequential] {task}", f"sequential_{i}_{task}", start, [task], cfg.seed + i)
+        ex, sa, ca = train_expert(run, f"[sequential] {task}", f"sequential_{i}_{task}", start, [task],
+                                  run.data_seed(task))
       return ex, None, _lora_meta(run, task=task, index=i, expert_training=sa), [ca]
 
     reuse = routing_slot(run, i)
@@ -419,8 +437,8 @@ def learn_mtl(run: Run, base_row: Row) -> tuple[dict, dict]:
 
   def train():
     with run.timed("mtl/train"):
-      ex, sa, ca = train_expert(run, "[mtl] all tasks", "mtl", run.new_expert(0), list(cfg.tasks), cfg.seed,
-                                mtl_steps(cfg))
+      ex, sa, ca = train_expert(run, "[mtl] all tasks", "mtl", run.new_expert("mtl"), list(cfg.tasks),
+                                run.data_seed("mtl"), mtl_steps(cfg))
     return ex, None, _lora_meta(run, tasks=list(cfg.tasks), expert_training=sa), [ca]
 
   ex, _ = workdir_lib.load_or_train(mtl_slot(run), run.expert_shapes(), None, run.eval_only, train)

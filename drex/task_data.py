@@ -1,11 +1,10 @@
 """A stream's data, made ready once: each task's and foundation member's source (drex.data.sources), its
 encoder (tiles per image), its readable training records, its evaluation set (prompt and answer lengths),
-and the sequence length of training batches.
+and its training sequence length. Nothing about one task depends on the others in the stream.
 
 Records whose images cannot be read are found before anything is trained (from the image headers) and
 left out, counted in `left_out` and logged; a record that fails later, when decoded, is skipped and
-counted by the pipeline. Evaluation sets with the same tiles per image share one prompt length (one
-compiled generation program per tiles x length).
+counted by the pipeline. Prompt lengths are rounded up to PROMPT_BUCKET tokens (few compiled programs).
 """
 
 from __future__ import annotations
@@ -25,6 +24,11 @@ from drex.errors import UserError
 log = logging.getLogger(__name__)
 
 
+# Prompt lengths are rounded up to a multiple of this: few compiled generation programs, and each set's length
+# its own (a stream with one task less evaluates the others exactly as before: drex.forget relies on it).
+PROMPT_BUCKET = 64
+
+
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
@@ -36,16 +40,20 @@ class TaskData:
   sources: dict[str, sources_lib.Source]  # every column's source
   encoders: dict[str, pipeline.Encoder]  # every column's encoder
   train: dict[str, Sequence[dict]]  # each task's readable training records
-  train_prompt_len: dict[str, int]  # each task's longest training prompt (routing statistics), rounded up
+  train_prompt_len: dict[str, int]  # each task's longest prompt (routing statistics), rounded up
   eval_sets: dict[str, evaluation.EvalSet]
   columns: list[str]  # tasks in stream order, then the foundation members not among them
-  seq_len: int  # tokens per training sequence
+  seq_len: dict[str, int]  # each task's tokens per training sequence (its own longest example, rounded up)
   left_out: dict[str, int]  # '<name>/<split>' -> records left out (unreadable images; over-long examples)
+
+  def train_seq_len(self, names: Sequence[str]) -> int:
+    return max(self.seq_len[n] for n in names)
 
   def batches(self, names: Sequence[str], batch_size: int, seed: int, workers: int = 0):
     """The training batches of one task, or of several mixed evenly (multi-task learning)."""
-    return pipeline.train_batches([self.train[n] for n in names], [self.encoders[n] for n in names], self.seq_len,
-                                  batch_size, seed, weights=[1.0] * len(names) if len(names) > 1 else None,
+    return pipeline.train_batches([self.train[n] for n in names], [self.encoders[n] for n in names],
+                                  self.train_seq_len(names), batch_size, seed,
+                                  weights=[1.0] * len(names) if len(names) > 1 else None,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   workers=workers)
 
@@ -69,7 +77,7 @@ def prepare(cfg: ml_collections.ConfigDict, base) -> TaskData:
   encoders = {n: base.encoder(s.max_tiles or cfg.data.max_tiles) for n, s in srcs.items()}
   left_out: dict[str, int] = {}
 
-  train, train_prompt, longest = {}, {}, 0
+  train, train_prompt, seq_len = {}, {}, {}
   for name in cfg.tasks:
     records = srcs[name].records("train")
     scan = encoders[name].scan(records)
@@ -81,9 +89,8 @@ def prepare(cfg: ml_collections.ConfigDict, base) -> TaskData:
       raise UserError(f"{name}: no usable training record (all {len(records)} have unreadable images or exceed "
                       f"data.seq_len)")
     train[name] = records if len(keep) == len(records) else record_lib.Subset(records, keep)
-    longest = max(longest, int(scan.total[keep].max()))
+    seq_len[name] = cfg.data.seq_len or round_up(int(scan.total[keep].max()), 8)
     train_prompt[name] = int(scan.prompt[keep].max())
-  seq_len = cfg.data.seq_len or round_up(longest, 8)
 
   eval_sets = {}
   for name in names:
@@ -102,16 +109,10 @@ def prepare(cfg: ml_collections.ConfigDict, base) -> TaskData:
                       f"answers")
     eval_set.encoder = encoders[name]
     eval_set.max_new_tokens = src.max_new_tokens or cfg.data.max_new_tokens
-    eval_set.prompt_len = int(scan.prompt.max())
+    eval_set.prompt_len = round_up(int(scan.prompt.max()), PROMPT_BUCKET)
     eval_sets[name] = eval_set
-  by_tiles: dict[int, int] = {}
-  for name, es in eval_sets.items():
-    tiles = es.encoder.image.max_tiles
-    by_tiles[tiles] = max(by_tiles.get(tiles, 0), es.prompt_len)
-  for es in eval_sets.values():
-    es.prompt_len = round_up(by_tiles[es.encoder.image.max_tiles], 8)
-  train_prompt_len = {n: max(eval_sets[n].prompt_len, round_up(p, 8)) for n, p in train_prompt.items()}
-  log.info("data: tasks %s, foundation %s; seq_len %d, prompt_len %s", list(cfg.tasks), list(cfg.foundation),
+  train_prompt_len = {n: max(eval_sets[n].prompt_len, round_up(p, PROMPT_BUCKET)) for n, p in train_prompt.items()}
+  log.info("data: tasks %s, foundation %s; seq_len %s, prompt_len %s", list(cfg.tasks), list(cfg.foundation),
            seq_len, {n: es.prompt_len for n, es in eval_sets.items()})
   return TaskData(srcs, encoders, train, train_prompt_len, eval_sets, names, seq_len, left_out)
 

@@ -94,6 +94,7 @@ def test_walkthrough_notebook_runs_on_a_finished_workdir(smoke_run, monkeypatch,
     weights = np.asarray(out["routing_per_layer"])
     assert weights.ndim == 2 and weights.shape[1] == len(out["experts"]) and np.allclose(weights.sum(-1), 1.0, atol=1e-3)
   assert "## Timings" in capsys.readouterr().out
+  assert len(namespace["served"]) == len(namespace["requests"]) and all("answer" in a for a in namespace["served"])
 
 
 @pytest.mark.slow

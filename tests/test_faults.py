@@ -135,7 +135,7 @@ def test_non_finite_loss_stops_the_stage_and_a_fixed_rerun_resumes(tmp_path):
   """SIGTERM leaves a resume point; a diverging config then stops at the first NaN without saving anything
   of it; the fixed config resumes from the resume point and finishes."""
   workdir = str(tmp_path / "run")
-  stage = os.path.join(workdir, "state", "0_generic_kind_expert")
+  stage = os.path.join(workdir, "state", "generic_kind_expert")
   proc = subprocess.Popen(_cmd("drex.train", *SMOKE, f"--workdir={workdir}"), cwd=ROOT, stderr=subprocess.PIPE,
                           text=True)
   assert _wait_for(lambda: os.path.isdir(stage) and any(n.isdigit() for n in os.listdir(stage)), proc)

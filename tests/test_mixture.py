@@ -65,3 +65,18 @@ def test_choosing_a_kernel_does_not_import_the_kernel_package(monkeypatch):
   with pytest.raises(ImportError):
     mixture.adapter_mixture(x, jnp.ones((2, 8, 4)), jnp.ones((2, 4, 6)), jnp.ones((2, 2)), 1.0,
                             kernel="pallas")
+
+
+def test_sequence_mixture_equals_the_dense_one_on_each_sequences_experts():
+  """Gathering each sequence's experts gives the dense mixture's output when the gates are zero elsewhere."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=(6, 16, 4)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(6, 4, 8)), jnp.float32)
+  used = np.asarray([[0, 3], [5, 1], [2, 4]])
+  keep = np.zeros((3, 1, 6), np.float32)
+  for s, experts in enumerate(used):
+    keep[s, 0, experts] = 1.0
+  gates = jnp.asarray(rng.uniform(size=(3, 5, 6)) * keep, jnp.float32)
+  np.testing.assert_allclose(mixture.sequence_mixture(x, a, b, gates, jnp.asarray(used), 0.5),
+                             mixture.mixture_reference(x, a, b, gates, 0.5), rtol=1e-5, atol=1e-4)

@@ -55,14 +55,16 @@ class AdaptedLinear(Linear):
   """y = x @ kernel (+ bias) + the routed mixture of the LoRA experts found for this linear.
 
   Sows its (cast) input as `intermediates/inputs` and its gates as `intermediates/gates` when asked, for
-  routing statistics and profiles.
+  routing statistics and profiles. A per-sequence router's choice is made from the real tokens of x; when
+  the `routing_state` collection is mutable (a generation's prefill) it is kept there as `chosen` [B, ...],
+  and when that collection is given but not mutable (the decoded tokens) the kept choice is used.
   """
 
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [..., d_in] -> [..., features]."""
+  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+    """x: [..., d_in] (token_mask: [B, L], the real tokens of x [B, L, d_in]) -> [..., features]."""
     y = super().__call__(x)
     x = x.astype(self.dtype)
     if self.is_mutable_collection("intermediates"):
@@ -72,7 +74,20 @@ class AdaptedLinear(Linear):
       b = self.get_variable("experts", "lora_b")
       variables = {name: self.get_variable("router", name) for name in routers.leaves()
                    if self.has_variable("router", name)}
-      gates = self.spec.router.gates(x, a.shape[0], variables, {"lora_a": a, "lora_b": b})
+      experts, router = {"lora_a": a, "lora_b": b}, self.spec.router
+      if router.PER_SEQUENCE:
+        if self.has_variable("routing_state", "chosen") and not self.is_mutable_collection("routing_state"):
+          chosen = self.get_variable("routing_state", "chosen")
+        else:
+          chosen = router.choose(x, token_mask, a.shape[0], variables, experts)
+          if self.is_mutable_collection("routing_state"):
+            self.put_variable("routing_state", "chosen", chosen)
+        gates = router.gates(x, a.shape[0], variables, experts, chosen)
+        self.sow("intermediates", "gates", gates)
+        used = jax.lax.top_k(chosen[:, :a.shape[0]], min(router.per_sequence_experts, a.shape[0]))[1]  # [B, c]
+        return y + mixture.sequence_mixture(x, a.astype(self.dtype), b.astype(self.dtype), gates, used,
+                                            self.spec.scale(a.shape[-1]))
+      gates = router.gates(x, a.shape[0], variables, experts)
       self.sow("intermediates", "gates", gates)
       y = y + mixture.adapter_mixture(x, a.astype(self.dtype), b.astype(self.dtype), gates,
                                       self.spec.scale(a.shape[-1]), kernel=self.spec.kernel,

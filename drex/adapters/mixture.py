@@ -4,7 +4,7 @@ For an adapted linear with input tokens `x` and stacked LoRA experts:
 
     delta[t] = scale * sum_e gates[t, e] * (x[t] @ a[e]) @ b[e]
 
-The rank intermediate `x @ a` is accumulated and kept in float32. Routers (`drex.adapters.routing`)
+The rank intermediate `x @ a` is accumulated and kept in float32. Routers (`drex.adapters.routers`)
 only produce `gates`; this module mixes, and picks the implementation (`choose_kernel`: plain JAX,
 or the Pallas kernels of `drex.kernels`, imported only when chosen).
 """
@@ -37,6 +37,28 @@ def mixture_reference(x: jax.Array, a: jax.Array, b: jax.Array, gates: jax.Array
   z = jnp.einsum("...d,edr->...er", x, a, preferred_element_type=jnp.float32)
   z = z * (gates.astype(jnp.float32) * scale)[..., None]
   y = jnp.einsum("...er,ero->...o", z, b.astype(jnp.float32))
+  return y.astype(x.dtype)
+
+
+def sequence_mixture(x: jax.Array, a: jax.Array, b: jax.Array, gates: jax.Array, experts: jax.Array,
+                     scale: float) -> jax.Array:
+  """The mixture when each sequence uses only a few experts (a per-sequence router's choice): those experts are
+  gathered, so the cost grows with their number, not with the E experts of the bank.
+
+  Args:
+    x: [B, L, d_in] tokens.
+    a, b: [E, d_in, r], [E, r, d_out] stacked experts.
+    gates: [B, L, E] routing weights, zero outside each sequence's experts.
+    experts: [B, c] the experts each sequence may use (indices into E).
+    scale: LoRA scale.
+
+  Returns:
+    [B, L, d_out] in x.dtype (equal to `mixture_reference` up to float summation order).
+  """
+  weights = jnp.take_along_axis(gates.astype(jnp.float32), experts[:, None, :], axis=-1)  # [B, L, c]
+  z = jnp.einsum("bld,bcdr->blcr", x, a[experts], preferred_element_type=jnp.float32)
+  z = z * (weights * scale)[..., None]
+  y = jnp.einsum("blcr,bcro->blo", z, b[experts].astype(jnp.float32))
   return y.astype(x.dtype)
 
 

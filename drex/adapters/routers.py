@@ -16,7 +16,10 @@ Kinds:
 * `sigmoid_gate(e)`: gates[t, e] = sigmoid(x_t . v_e) on expert e only (router training).
 * `topk` (the method; PHATGOOSE routing, adapted to VLMs by arXiv 2511.01831): standardize the token and
   every routing vector over features (LayerNorm without affine, eps 1e-5), score
-  `x_hat . v_hat / sqrt(d_in) / temperature`, keep the top-k scores and softmax over them. With
+  `x_hat . v_hat / sqrt(d_in) / temperature`, keep the top-k scores and softmax over them. Option `level`:
+  'token' (every token, as published), 'sequence' (each sequence's prompt tokens' scores averaged at each
+  adapted linear, top-k of those; the answer tokens use the same mixture), 'hybrid' (the sequence level keeps
+  `candidates` experts, each token mixes its top-k of them). With
   `null_expert` the base model takes part as extra experts with zero output, scored against prototype
   vectors (`null_v`, one per kind of general input). With `calibrated` each score is standardized by the
   mean and std it has on the data its vector stands for (`v_stats`, `null_stats`; drex.adapters.prototypes).
@@ -59,13 +62,21 @@ class Router:
 
   KIND: ClassVar[str] = ""
   INFERENCE: ClassVar[bool] = False  # selectable as config.router.kind
+  PER_SEQUENCE: ClassVar[bool] = False  # chooses once per sequence (`choose`), from its prompt
   LEAVES: ClassVar[dict[str, Leaf]] = {}
   OPTIONS: ClassVar[dict[str, tuple[Any, str]]] = {}  # config.router field -> (default, one-line comment)
 
   def gates(self, x: jax.Array, num_experts: int, variables: dict[str, jax.Array],
-            experts: dict[str, jax.Array]) -> jax.Array:
-    """x: [..., d_in]; variables: this linear's `router` leaves; experts: {'lora_a', 'lora_b'}. -> [..., E] f32."""
+            experts: dict[str, jax.Array], chosen: jax.Array | None = None) -> jax.Array:
+    """x: [..., d_in]; variables: this linear's `router` leaves; experts: {'lora_a', 'lora_b'}; chosen: a
+    per-sequence router's choice (from `choose`). -> [..., E] float32."""
     raise NotImplementedError
+
+  def choose(self, x: jax.Array, token_mask: jax.Array | None, num_experts: int, variables: dict[str, jax.Array],
+             experts: dict[str, jax.Array]) -> jax.Array:
+    """A per-sequence router's choice for each sequence of x [B, L, d_in] from its real tokens (token_mask
+    [B, L]); the adapted linear keeps it for the sequence's later (decoded) tokens."""
+    raise NotImplementedError(f"router {self.KIND!r} routes each token, it does not choose per sequence")
 
   def reads(self) -> tuple[str, ...]:
     """The `router` leaves this router needs."""
@@ -79,6 +90,12 @@ class Router:
   def includes_base(self) -> bool:
     """Whether the base itself takes part as a zero-output expert (its weight is 1 - sum of the gates)."""
     return False
+
+  @property
+  def per_sequence_experts(self) -> int:
+    """A per-sequence router: how many experts a sequence can use at most (the mixture gathers only those:
+    `choose` gives them the largest values)."""
+    raise NotImplementedError
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict, num_experts: int) -> "Router":
@@ -206,7 +223,7 @@ class Single(Router):
   KIND: ClassVar[str] = "single"
   expert: int = 0
 
-  def gates(self, x, num_experts, variables, experts):
+  def gates(self, x, num_experts, variables, experts, chosen=None):
     _check_expert(self.KIND, self.expert, num_experts)
     return jnp.broadcast_to(jax.nn.one_hot(self.expert, num_experts, dtype=jnp.float32), x.shape[:-1] + (num_experts,))
 
@@ -220,7 +237,7 @@ class SigmoidGate(Router):
   LEAVES: ClassVar[dict[str, Leaf]] = {"v": V, "v_stats": STATS}  # v_stats: calibration (computed after training)
   expert: int = 0
 
-  def gates(self, x, num_experts, variables, experts):
+  def gates(self, x, num_experts, variables, experts, chosen=None):
     _check_expert(self.KIND, self.expert, num_experts)
     v = _require(variables, "v", self.KIND)
     logit = jnp.einsum("...d,d->...", x.astype(jnp.float32), v[self.expert].astype(jnp.float32))
@@ -234,7 +251,8 @@ class SigmoidGate(Router):
 @dataclasses.dataclass(frozen=True)
 class TopK(Router):
   """The method: standardized similarity to the routing vectors, top-k, softmax (optionally with the base as
-  a null expert, and per-vector calibration)."""
+  a null expert, and per-vector calibration). `config.router.level` picks where the choice is made: each
+  token (PHATGOOSE; this class), each sequence (SequenceTopK) or both (HybridTopK)."""
 
   KIND: ClassVar[str] = "topk"
   INFERENCE: ClassVar[bool] = True
@@ -246,13 +264,28 @@ class TopK(Router):
       "null_expert": (False, "the base competes as a zero-output expert (prototype of base activations)"),
       "null_sample": (512, "unlabeled prompts per prototype / calibration statistic (null expert, calibration)"),
       "calibrate": (False, "standardize each vector's scores by their mean/std on its own data"),
+      "level": ("hybrid", "where topk chooses: 'token' (PHATGOOSE, every token), 'sequence' (once per sequence from "
+                          "its prompt, kept for its answer), 'hybrid' (the sequence picks candidates, its tokens mix "
+                          "them; chosen on the validation split, routing_levels_cpu.md)"),
+      "candidates": (2, "hybrid: experts the sequence level keeps for the tokens to mix"),
   }
+  LEVELS: ClassVar[tuple[str, ...]] = ("token", "sequence", "hybrid")
   k: int = 2
   temperature: float = 1.0
   null_expert: bool = False
   calibrated: bool = False
 
-  def gates(self, x, num_experts, variables, experts):
+  def scores(self, x: jax.Array, variables: dict) -> jax.Array:
+    """[..., E (+ K null prototypes)] routing scores of tokens x [..., d_in]. With an `allowed` [B, E] mask among
+    the variables (requests restricted to some experts: drex.serving), the others score -inf for x [B, L, d_in]."""
+    scores = self._scores(x, variables)
+    allowed = variables.get("allowed")
+    if allowed is None:
+      return scores
+    allowed = jnp.pad(allowed, ((0, 0), (0, scores.shape[-1] - allowed.shape[-1])), constant_values=1)  # null: yes
+    return jnp.where(allowed[:, None, :] > 0, scores, -jnp.inf)
+
+  def _scores(self, x: jax.Array, variables: dict) -> jax.Array:
     v = _require(variables, "v", self.KIND)
     vectors, stats = v, variables.get("v_stats")
     if self.null_expert:
@@ -265,10 +298,17 @@ class TopK(Router):
         raise ValueError("router 'topk with calibrated' needs score statistics 'v_stats' (and 'null_stats'), "
                          "which are not loaded")
       raw = phatgoose_scores(x, vectors, 1.0)
-      scores = (raw - stats[:, 0]) / (stats[:, 1] * self.temperature)
-    else:
-      scores = phatgoose_scores(x, vectors, self.temperature)
-    return topk_softmax(scores, self.k)[..., :num_experts]
+      return (raw - stats[:, 0]) / (stats[:, 1] * self.temperature)
+    return phatgoose_scores(x, vectors, self.temperature)
+
+  def sequence_scores(self, x: jax.Array, token_mask: jax.Array | None, variables: dict) -> jax.Array:
+    """[B, E (+ K)]: each sequence's scores, the mean over its real tokens of x [B, L, d_in]."""
+    scores = self.scores(x, variables)
+    weight = jnp.ones(x.shape[:2], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    return (scores * weight[..., None]).sum(1) / jnp.maximum(weight.sum(1), 1.0)[:, None]
+
+  def gates(self, x, num_experts, variables, experts, chosen=None):
+    return topk_softmax(self.scores(x, variables), self.k)[..., :num_experts]
 
   def reads(self):
     return ("v",) + (("null_v", "null_stats") if self.null_expert else ()) + (("v_stats",) if self.calibrated else ())
@@ -283,11 +323,60 @@ class TopK(Router):
 
   @classmethod
   def from_config(cls, c, num_experts):
-    return cls(k=c.k, temperature=c.temperature, null_expert=c.null_expert, calibrated=c.calibrate)
+    kind = {"token": TopK, "sequence": SequenceTopK, "hybrid": HybridTopK}[c.level]
+    extra = {"candidates": c.candidates} if kind is HybridTopK else {}
+    return kind(k=c.k, temperature=c.temperature, null_expert=c.null_expert, calibrated=c.calibrate, **extra)
 
   @classmethod
   def check(cls, c):
     _check_k_temperature(c)
+    if c.level not in cls.LEVELS:
+      raise UserError(f"config.router.level must be one of {cls.LEVELS}, got {c.level!r}")
+    if c.candidates < 1:
+      raise UserError(f"config.router.candidates must be >= 1, got {c.candidates}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceTopK(TopK):
+  """topk once per sequence: its prompt's tokens scored and averaged at each adapted linear, the top-k of those
+  sequence scores softmaxed; every token of the sequence (its answer too) uses that mixture."""
+
+  PER_SEQUENCE: ClassVar[bool] = True
+
+  @property
+  def per_sequence_experts(self):
+    return self.k
+
+  def choose(self, x, token_mask, num_experts, variables, experts):
+    return topk_softmax(self.sequence_scores(x, token_mask, variables), self.k)  # [B, E (+ K)]
+
+  def gates(self, x, num_experts, variables, experts, chosen=None):
+    if chosen is None:
+      raise ValueError("the sequence-level router needs its per-sequence choice")
+    return jnp.broadcast_to(chosen[:, None, :num_experts], x.shape[:-1] + (num_experts,))
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridTopK(TopK):
+  """The sequence picks `candidates` experts (top sequence scores); each token then mixes the top-k of those."""
+
+  PER_SEQUENCE: ClassVar[bool] = True
+  candidates: int = 2
+
+  @property
+  def per_sequence_experts(self):
+    return self.candidates
+
+  def choose(self, x, token_mask, num_experts, variables, experts):
+    scores = self.sequence_scores(x, token_mask, variables)
+    _, index = jax.lax.top_k(scores, min(self.candidates, scores.shape[-1]))
+    return jax.nn.one_hot(index, scores.shape[-1], dtype=jnp.float32).sum(-2)  # [B, E (+ K)] 0/1
+
+  def gates(self, x, num_experts, variables, experts, chosen=None):
+    if chosen is None:
+      raise ValueError("the hybrid router needs its per-sequence candidates")
+    scores = jnp.where(chosen[:, None, :] > 0, self.scores(x, variables), -jnp.inf)
+    return topk_softmax(scores, self.k)[..., :num_experts]
 
 
 @register
@@ -301,7 +390,7 @@ class Arrow(Router):
   k: int = 2
   temperature: float = 1.0
 
-  def gates(self, x, num_experts, variables, experts):
+  def gates(self, x, num_experts, variables, experts, chosen=None):
     protos = arrow_prototypes(experts["lora_a"], experts["lora_b"])
     scores = jnp.abs(jnp.einsum("...d,ed->...e", x.astype(jnp.float32), protos)) / self.temperature
     return topk_softmax(scores, self.k)
@@ -328,7 +417,7 @@ class Dense(Router):
   INFERENCE: ClassVar[bool] = True
   weights: tuple[float, ...] = ()
 
-  def gates(self, x, num_experts, variables, experts):
+  def gates(self, x, num_experts, variables, experts, chosen=None):
     if len(self.weights) != num_experts:
       raise ValueError(f"dense router has {len(self.weights)} weights for {num_experts} experts")
     return jnp.broadcast_to(jnp.asarray(self.weights, jnp.float32), x.shape[:-1] + (num_experts,))

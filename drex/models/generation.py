@@ -15,7 +15,8 @@ def greedy_generate(model: VLM, variables: dict, pixel_values: jax.Array | None,
   """Greedy decoding. Prompts are left-padded.
 
   Args:
-    model, variables: the VLM and {'params', 'experts'?, 'router'?}.
+    model, variables: the VLM and {'params', 'experts'?, 'router'?} (a per-sequence router chooses from the
+      prompt; every generated token uses that choice).
     pixel_values: [B, N, H, W, 3] or None.
     input_ids: [B, L] prompt tokens; attention_mask: [B, L] (1 = real token).
     max_new_tokens: tokens to produce per example.
@@ -28,7 +29,10 @@ def greedy_generate(model: VLM, variables: dict, pixel_values: jax.Array | None,
   cache = init_cache(model.config.llm, b, l + max_new_tokens, dtype_of(model.config.dtype))
   positions = prompt_positions(attention_mask)
   kv_mask = jnp.zeros((b, l + max_new_tokens), bool).at[:, :l].set(attention_mask.astype(bool))
-  logits, cache = model.apply(variables, pixel_values, input_ids, positions, kv_mask, cache, 0)
+  # The prompt's pass also keeps what a per-sequence router chose (`routing_state`): the decoded tokens reuse it.
+  (logits, cache), state = model.apply(variables, pixel_values, input_ids, positions, kv_mask, cache, 0,
+                                       mutable=["routing_state"])
+  variables = {**variables, **state}
   first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
 
   def step(carry, i):

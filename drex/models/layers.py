@@ -39,7 +39,10 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias). kernel: [d_in, features] with logical axes `axes`; x: [..., d_in] -> [..., features]."""
+  """y = x @ kernel (+ bias). kernel: [d_in, features] with logical axes `axes`; x: [..., d_in] -> [..., features].
+
+  The LLM also passes `token_mask` ([B, L] bool, the real tokens of x), which a subclass may use (routing that
+  looks at a whole sequence); this one ignores it."""
 
   features: int
   axes: tuple[str, str]
@@ -48,7 +51,8 @@ class Linear(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+    del token_mask
     kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))

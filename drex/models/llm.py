@@ -37,8 +37,9 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, kv_mask, cache=None, cache_index=0):
-    """x: [B, L, d]; cos/sin: [B, L, D]; kv_mask: [B, S]; cache: {'k','v': [B, S, K, D]} or None.
+  def __call__(self, x, cos, sin, kv_mask, query_mask, cache=None, cache_index=0):
+    """x: [B, L, d]; cos/sin: [B, L, D]; kv_mask: [B, S]; query_mask: [B, L] (real tokens of x);
+    cache: {'k','v': [B, S, K, D]} or None.
 
     Returns ([B, L, d], updated cache or None).
     """
@@ -46,9 +47,9 @@ class Attention(nn.Module):
     b, l, _ = x.shape
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dense = lambda f, axes, bias, name: self.linear(f, axes, bias, self.dtype, self.param_dtype, name=name)
-    q = dense(h * d, ("embed", "heads"), cfg.qkv_bias, "q_proj")(x).reshape(b, l, h, d)
-    key = dense(k * d, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(x).reshape(b, l, k, d)
-    value = dense(k * d, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(x).reshape(b, l, k, d)
+    q = dense(h * d, ("embed", "heads"), cfg.qkv_bias, "q_proj")(x, query_mask).reshape(b, l, h, d)
+    key = dense(k * d, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(x, query_mask).reshape(b, l, k, d)
+    value = dense(k * d, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(x, query_mask).reshape(b, l, k, d)
     q = apply_rope(q, cos, sin)
     key = apply_rope(key, cos, sin)
     if cache is not None:
@@ -63,7 +64,7 @@ class Attention(nn.Module):
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, value.astype(self.dtype)).reshape(b, l, h * d)
-    return dense(cfg.d_model, ("heads", "embed"), False, "o_proj")(out), cache
+    return dense(cfg.d_model, ("heads", "embed"), False, "o_proj")(out, query_mask), cache
 
 
 class MLP(nn.Module):
@@ -75,13 +76,14 @@ class MLP(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    """x: [B, L, d] -> [B, L, d]."""
+  def __call__(self, x, query_mask):
+    """x: [B, L, d], query_mask: [B, L] -> [B, L, d]."""
     dense = lambda f, axes, name: self.linear(f, axes, False, self.dtype, self.param_dtype, name=name)
-    gate = dense(self.cfg.d_ff, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(self.cfg.d_ff, ("embed", "mlp"), "up_proj")(x)
-    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(self.cfg.d_model, ("mlp", "embed"), "down_proj")(hidden)
+    gate = dense(self.cfg.d_ff, ("embed", "mlp"), "gate_proj")(x, query_mask)
+    up = dense(self.cfg.d_ff, ("embed", "mlp"), "up_proj")(x, query_mask)
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up,
+                                        ("activation_batch", "activation_length", "activation_mlp"))
+    return dense(self.cfg.d_model, ("mlp", "embed"), "down_proj")(hidden, query_mask)
 
 
 class DecoderLayer(nn.Module):
@@ -91,13 +93,14 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, kv_mask, cache=None, cache_index=0):
+  def __call__(self, x, cos, sin, kv_mask, query_mask, cache=None, cache_index=0):
     """x: [B, L, d] -> ([B, L, d], cache)."""
     eps, pd = self.cfg.norm_eps, self.param_dtype
     attn_out, cache = Attention(self.cfg, self.linear, self.dtype, pd, name="self_attn")(
-        RMSNorm(eps, pd, name="input_layernorm")(x), cos, sin, kv_mask, cache, cache_index)
+        RMSNorm(eps, pd, name="input_layernorm")(x), cos, sin, kv_mask, query_mask, cache, cache_index)
     x = x + attn_out
-    x = x + MLP(self.cfg, self.linear, self.dtype, pd, name="mlp")(RMSNorm(eps, pd, name="post_attention_layernorm")(x))
+    x = x + MLP(self.cfg, self.linear, self.dtype, pd, name="mlp")(
+        RMSNorm(eps, pd, name="post_attention_layernorm")(x), query_mask)
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
@@ -132,13 +135,18 @@ class Decoder(nn.Module):
     Returns (logits [B, L, vocab] float32, updated cache or None).
     """
     cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope)
-    x = nn.with_logical_constraint(embeds.astype(self.dtype), ("activation_batch", "activation_length", "activation_embed"))
+    x = nn.with_logical_constraint(embeds.astype(self.dtype),
+                                   ("activation_batch", "activation_length", "activation_embed"))
+    b, l = embeds.shape[:2]
+    query_mask = kv_mask if cache is None else jax.lax.dynamic_slice(kv_mask, (0, cache_index), (b, l))
     new_cache = {} if cache is not None else None
     for i, layer in enumerate(self.layers):
       name = f"layers_{i}"
-      x, layer_cache = layer(x, cos, sin, kv_mask, None if cache is None else cache[name], cache_index)
+      x, layer_cache = layer(x, cos, sin, kv_mask, query_mask, None if cache is None else cache[name], cache_index)
       if cache is not None:
         new_cache[name] = layer_cache
     x = self.norm(x)
     logits = self.embed_tokens.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")), new_cache
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                        ("activation_batch", "activation_length", "activation_vocab"))
+    return logits, new_cache

@@ -1,0 +1,133 @@
+"""Benchmark: what routing among many experts costs — the routed forward (10 LoRA experts, every LLM linear) against
+the base forward, at InternVL2-2B shapes (random bf16 weights) and on the shipped tiny model.
+
+  PYTHONPATH=. python3 benchmarks/routed_forward.py --out benchmarks/results            # 2B + tiny, this machine
+  PYTHONPATH=. python3 benchmarks/routed_forward.py --preset tiny --out /tmp/res         # tiny only (seconds)
+
+For each model: the base forward (no experts) and the routed forward with E experts of rank r, at the token,
+sequence and hybrid routing levels (drex.adapters.routers), each a jitted program compiled first, then the median
+of `--iters` calls (block_until_ready). One batch: B sequences with `--tiles` image tiles and a short question.
+The ratio routed / base is the number that matters (issue 12: <= 1.15 at 2B shapes with 10 experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import internvl2_cpu  # pylint: disable=g-import-not-at-top
+from drex import base as base_lib
+from drex.adapters import lora, routers
+from drex.models import presets
+from drex.models.vlm import VLM, model_inputs
+
+LEVELS = {"token": routers.TopK(k=2), "sequence": routers.SequenceTopK(k=2),
+          "hybrid": routers.HybridTopK(k=2, candidates=3)}
+
+
+def _random_adapters(params, num_experts: int, rank: int, seed: int = 1):
+  key_a, key_b, key_v = jax.random.split(jax.random.key(seed), 3)
+  experts = lora.init_experts(params, rank, list(lora.ALL_TARGETS), key_a, num_experts=num_experts)
+  experts = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.01 * jax.random.normal(key_b, x.shape, x.dtype) if p[-1].key == "lora_b" else x, experts)
+  router = jax.tree_util.tree_map(lambda v: jax.random.normal(key_v, v.shape, v.dtype), lora.init_router(experts))
+  return experts, router
+
+
+def _batch(cfg, batch: int, tiles: int, text: int = 64, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  size = cfg.vision.image_size
+  n_img = tiles * cfg.tokens_per_tile
+  ids = rng.integers(100, min(cfg.llm.vocab_size, 30000), size=(batch, n_img + text)).astype(np.int32)
+  ids[:, 4:4 + n_img] = cfg.image_token_id
+  pixels = rng.normal(size=(batch, tiles, size, size, 3)).astype(np.float32)
+  return model_inputs(jnp.asarray(pixels), jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32))
+
+
+def _time(fn, args, iters: int) -> tuple[float, float]:
+  begin = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - begin
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(iters):
+    begin = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - begin)
+  return statistics.median(times), compile_s
+
+
+def measure(name: str, cfg, params, experts, router, batch, iters: int) -> dict:
+  base = VLM(cfg)
+  rows = {"base": _time(lambda p, *a: base.apply({"params": p}, *a)[0], (params, *batch), iters)}
+  for level, r in LEVELS.items():
+    model = VLM(cfg, lora.AdapterSpec(r, lora_alpha=32.0))
+    rows[level] = _time(lambda p, e, v, *a: model.apply({"params": p, "experts": e, "router": v}, *a)[0],
+                        (params, experts, router, *batch), iters)
+  base_s = rows["base"][0]
+  out = {"model": name, "tokens": int(batch[1].size), "experts": int(lora.num_experts(experts)),
+         "rank": int(lora.rank_of(experts)),
+         "seconds": {k: round(v[0], 4) for k, v in rows.items()},
+         "compile_seconds": {k: round(v[1], 1) for k, v in rows.items()},
+         "ratio_to_base": {k: round(v[0] / base_s, 3) for k, v in rows.items() if k != "base"}}
+  print(json.dumps(out), flush=True)
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=["all", "tiny", "internvl2_2b"], default="all")
+  parser.add_argument("--experts", type=int, default=10)
+  parser.add_argument("--rank", type=int, default=16)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--tiles", type=int, default=2)
+  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  results = []
+  if args.preset in ("all", "tiny"):
+    tiny = base_lib.load()
+    experts, router = _random_adapters(tiny.params, args.experts, 8)
+    results.append(measure("tiny (shipped base)", tiny.info.model, tiny.params, experts, router,
+                           _batch(tiny.info.model, 32, 1, text=32), max(args.iters, 10)))
+  if args.preset in ("all", "internvl2_2b"):
+    setup = internvl2_cpu.build("internvl2_2b", num_experts=1, rank=args.rank)
+    experts, router = _random_adapters(setup.params, args.experts, args.rank)
+    del setup.experts
+    results.append(measure("internvl2_2b (random bf16)", setup.cfg, setup.params, experts, router,
+                           _batch(setup.cfg, args.batch, args.tiles), args.iters))
+  device = jax.devices()[0].device_kind
+  info = {"command": "PYTHONPATH=. python3 benchmarks/routed_forward.py " + " ".join(sys.argv[1:]),
+          "date": datetime.date.today().isoformat(), "device": device, "jax": jax.__version__,
+          "cores": os.cpu_count(), "machine": platform.machine(), "results": results}
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"routed_forward_{'cpu' if device == 'cpu' else device.lower().replace(' ', '_')}")
+    with open(stem + ".json", "w") as f:
+      json.dump(info, f, indent=1)
+    lines = [f"# Routed forward vs base forward ({device}, jax {jax.__version__})", "", f"`{info['command']}`  ",
+             f"{info['date']}; {args.experts} experts on every LLM linear; median of timed calls after a compile.", "",
+             "| model | tokens | base (s) | token (s) | sequence (s) | hybrid (s) | ratio token / sequence / hybrid |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+      s, q = r["seconds"], r["ratio_to_base"]
+      lines.append(f"| {r['model']} | {r['tokens']} | {s['base']} | {s['token']} | {s['sequence']} | {s['hybrid']} | "
+                   f"{q['token']} / {q['sequence']} / {q['hybrid']} |")
+    with open(stem + ".md", "w") as f:
+      f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,201 @@
+"""Serving many skills in one batch: a finished drex.train workdir loaded once, mixed requests answered together.
+
+  server = Server("runs/task10")
+  server.generate([Request("what is the answer ?", image="shape.png"),             # routed over all experts
+                   Request("what colour is the shape ?", image="s.png", task="shape_color"),  # one task's expert
+                   Request("one plus two . what is the answer ?", experts=["generic_add", "text_add"]),  # a subset
+                   Request("describe the image .", image="s.png", experts=[])])     # the base alone
+
+Every request of a batch is routed by its own selection in one compiled program: the workdir's router (its
+config.router: level, k, temperature, null expert) restricted to the selected experts (`allowed`), or, for one
+task's expert or the base alone, fixed weights (`Selecting`, a router kind of drex.adapters.routers). Prompts
+are left-padded to a length bucket and batches to a fixed size, so a handful of programs serve any stream of
+requests; decoding is greedy with the KV cache, each answer cut at its request's max_new_tokens and at the end
+of its turn. A request naming an unknown task or an unreadable image is answered with an error of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, ClassVar, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drex import base as base_lib
+from drex import config as config_lib
+from drex.adapters import lora, routers
+from drex.checkpoints import store
+from drex.data import images, record
+from drex.errors import UserError
+from drex.models.generation import jitted_greedy_generate
+from drex.task_data import round_up
+
+log = logging.getLogger(__name__)
+
+PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this many tokens
+
+
+@dataclasses.dataclass
+class Request:
+  """One question. `task`: that task's expert alone; `experts`: route among these task names ([] = the base
+  alone); neither: routed over all the workdir's experts."""
+
+  question: str
+  image: str | None = None  # an image file (path or gs://); None for a text-only question
+  task: str | None = None
+  experts: list[str] | None = None
+  max_new_tokens: int | None = None
+
+
+@routers.register
+@dataclasses.dataclass(frozen=True)
+class Selecting(routers.Router):
+  """Each sequence's own selection: the inner router restricted to the `allowed` experts, or `fixed` weights
+  (one expert's one-hot, or zeros for the base alone) where `use_fixed` is set. Variables per sequence:
+  allowed [B, E], fixed [B, E], use_fixed [B, 1]."""
+
+  KIND: ClassVar[str] = "selecting"
+  LEAVES: ClassVar[dict[str, routers.Leaf]] = {
+      name: routers.Leaf(lambda d_in: ("activation_batch", None)) for name in ("allowed", "fixed", "use_fixed")}
+  inner: routers.Router = routers.TopK()
+
+  @property
+  def PER_SEQUENCE(self) -> bool:  # pylint: disable=invalid-name
+    return self.inner.PER_SEQUENCE
+
+  @property
+  def per_sequence_experts(self) -> int:
+    return self.inner.per_sequence_experts
+
+  @property
+  def top_k(self):
+    return self.inner.top_k
+
+  @property
+  def includes_base(self):
+    return self.inner.includes_base
+
+  def reads(self):
+    return self.inner.reads() + ("allowed", "fixed", "use_fixed")
+
+  def choose(self, x, token_mask, num_experts, variables, experts):
+    chosen = self.inner.choose(x, token_mask, num_experts, variables, experts)
+    fixed = jnp.pad(variables["fixed"], ((0, 0), (0, chosen.shape[-1] - num_experts)))
+    return jnp.where(variables["use_fixed"] > 0, fixed, chosen)  # the gathered mixture then uses the fixed expert
+
+  def gates(self, x, num_experts, variables, experts, chosen=None):
+    inner = (self.inner.gates(x, num_experts, variables, experts, chosen) if self.inner.PER_SEQUENCE
+             else self.inner.gates(x, num_experts, variables, experts))
+    use_fixed = variables["use_fixed"][:, None, :] > 0  # [B, 1, 1]
+    return jnp.where(use_fixed, variables["fixed"][:, None, :], inner)
+
+
+class Server:
+  """A workdir's base, experts and router, loaded once; `generate` answers lists of requests."""
+
+  def __init__(self, workdir: str, batch_size: int = 16, max_new_tokens: int = 16):
+    self.workdir, self.batch_size, self.max_new_tokens = workdir, batch_size, max_new_tokens
+    self.cfg = config_lib.read_run_config(workdir)
+    self.base = base_lib.load_from_workdir(workdir)
+    self.tasks = list(self.cfg.tasks)
+    experts, vectors = [], []
+    for task in self.tasks:
+      directory = os.path.join(workdir, "adapters", task)
+      if not store.isdir(directory):
+        raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
+      ex, rt, _ = store.load_adapter(directory)
+      experts.append(ex)
+      vectors.append(rt)
+    self.router = routers.from_config(self.cfg.router, len(self.tasks))
+    router_tree = lora.stack(vectors)
+    if "null_v" in self.router.reads():
+      router_tree = lora.merge_trees(router_tree, store.load_tree(os.path.join(workdir, "null_expert"), None,
+                                                                  "null-expert prototypes"))
+    self.experts, self.vectors = lora.stack(experts), router_tree
+    c = self.cfg.lora
+    self.model = self.base.model(lora.AdapterSpec(Selecting(self.router), c.lora_alpha, c.rslora, c.kernel))
+    self.encoder = self.base.encoder()
+    self.paths = sorted({path[:-1] for path in flax.traverse_util.flatten_dict(router_tree)})
+
+  # -- one request
+  def selection(self, request: Request) -> tuple[list[str], np.ndarray, np.ndarray, float]:
+    """(the task names used, allowed [E], fixed [E], use_fixed) of a request; a UserError for unknown names."""
+    e = len(self.tasks)
+    known = ", ".join(self.tasks)
+    if request.task is not None and request.experts is not None:
+      raise UserError("a request names both 'task' and 'experts'; give one")
+    if request.task is not None:
+      if request.task not in self.tasks:
+        raise UserError(f"unknown task {request.task!r}; this workdir's tasks: {known}")
+      one = np.eye(e, dtype=np.float32)[self.tasks.index(request.task)]
+      return [request.task], one, one, 1.0
+    if request.experts is not None:
+      unknown = [t for t in request.experts if t not in self.tasks]
+      if unknown:
+        raise UserError(f"unknown tasks {unknown} in 'experts'; this workdir's tasks: {known}")
+      if not request.experts:
+        return [], np.zeros(e, np.float32), np.zeros(e, np.float32), 1.0
+      allowed = np.asarray([t in request.experts for t in self.tasks], np.float32)
+      return [t for t in self.tasks if t in request.experts], allowed, np.zeros(e, np.float32), 0.0
+    return list(self.tasks), np.ones(e, np.float32), np.zeros(e, np.float32), 0.0
+
+  def _prepare(self, request: Request) -> dict:
+    if not isinstance(request.question, str) or not request.question.strip():
+      raise UserError("a request needs a non-empty 'question'")
+    limit = request.max_new_tokens if request.max_new_tokens is not None else self.max_new_tokens
+    if not isinstance(limit, int) or limit < 1:
+      raise UserError(f"'max_new_tokens' must be a positive integer, got {limit!r}")
+    used, allowed, fixed, use_fixed = self.selection(request)
+    image = [] if request.image is None else [images.load_image(request.image)]
+    question = record.make([(request.question, "")], image)
+    pixels, tiles = self.encoder.pixels(question["images"])
+    prompt = self.encoder.prompt_ids(question, tiles)
+    return {"pixels": pixels, "prompt": prompt, "allowed": allowed, "fixed": fixed, "use_fixed": use_fixed,
+            "max_new_tokens": limit, "experts": used}
+
+  # -- batches
+  def _variables(self, rows: list[dict]) -> dict:
+    per_sequence = {"allowed": np.stack([r["allowed"] for r in rows]), "fixed": np.stack([r["fixed"] for r in rows]),
+                    "use_fixed": np.asarray([[r["use_fixed"]] for r in rows], np.float32)}
+    flat = flax.traverse_util.flatten_dict(self.vectors)
+    for path in self.paths:
+      for name, value in per_sequence.items():
+        flat[path + (name,)] = value
+    return {"params": self.base.params, "experts": self.experts, "router": flax.traverse_util.unflatten_dict(flat)}
+
+  def _answer(self, rows: list[dict]) -> list[str]:
+    """Greedy answers of up to batch_size prepared rows (padded to batch_size, prompts to a bucket)."""
+    filled = rows + [rows[0]] * (self.batch_size - len(rows))
+    length = round_up(max(len(r["prompt"]) for r in filled), PROMPT_BUCKET)
+    ids = np.asarray([[self.encoder.pad_id] * (length - len(r["prompt"])) + r["prompt"] for r in filled], np.int32)
+    mask = np.asarray([[0] * (length - len(r["prompt"])) + [1] * len(r["prompt"]) for r in filled], np.int32)
+    steps = 1 << (max(r["max_new_tokens"] for r in rows) - 1).bit_length()  # a power of two: few programs
+    tokens = jitted_greedy_generate(self.model, self._variables(filled), np.stack([r["pixels"] for r in filled]), ids,
+                                    mask, steps, self.encoder.eos_id, self.encoder.pad_id)
+    tokens = np.asarray(tokens)
+    return [self.encoder.decode_answer(tokens[i, :r["max_new_tokens"]]) for i, r in enumerate(rows)]
+
+  def generate(self, requests: Sequence[Request], progress=None) -> list[dict]:
+    """Answers in request order: {'answer', 'experts'} or {'error'}. `progress(n)` is called as answers come."""
+    out: list[dict | None] = [None] * len(requests)
+    ready = []
+    for i, request in enumerate(requests):
+      try:
+        ready.append((i, self._prepare(request)))
+      except UserError as e:  # images.ImageError is one too
+        out[i] = {"error": str(e)}
+        if progress:
+          progress(1)
+    ready.sort(key=lambda item: round_up(len(item[1]["prompt"]), PROMPT_BUCKET))  # similar lengths together
+    for start in range(0, len(ready), self.batch_size):
+      chunk = ready[start:start + self.batch_size]
+      for (i, row), answer in zip(chunk, self._answer([row for _, row in chunk])):
+        out[i] = {"answer": answer, "experts": row["experts"]}
+      if progress:
+        progress(len(chunk))
+    return out

@@ -9,7 +9,8 @@ task would have trained, bit for bit, and the routing method over them gives tha
 routing method is re-evaluated first (nothing changes if that fails); then the task's adapter is moved to
 WORKDIR/forgotten/<task>/ and the new config.json and results.json are written (the earlier ones kept as
 config.<n>.json and results.<n>.json). The baselines (sequential, mtl) were trained on the task's data and
-cannot forget it without retraining: they are left out of the new results.
+cannot forget it without retraining: they are left out of the new results, and their directories (like
+forgotten/<task>/, which holds the task's expert) stay in the workdir until deleted by hand.
 """
 
 from __future__ import annotations
@@ -30,18 +31,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A finished drex.train workdir."
 _TASK = flags.DEFINE_string("task", None, "The task to remove.")
 
 
-def _keep_aside(path: str) -> str | None:
-  """Rename `path` (if it is there) to the first free `<stem>.<n><ext>`; returns the new name."""
-  if not store.exists(path):
-    return None
-  stem, ext = os.path.splitext(path)
-  n = 1
-  while store.exists(f"{stem}.{n}{ext}"):
-    n += 1
-  epath.Path(path).rename(f"{stem}.{n}{ext}")
-  return f"{stem}.{n}{ext}"
-
-
 def forget(workdir: str, task: str) -> dict:
   """Remove `task` from the workdir's stream; returns the new results (routing method only)."""
   from drex.stream import run_stream  # pylint: disable=g-import-not-at-top
@@ -53,23 +42,29 @@ def forget(workdir: str, task: str) -> dict:
   adapter = os.path.join(workdir, "adapters", task)
   if not store.isdir(adapter):
     raise UserError(f"adapter not found: {adapter}; was the stream finished?")
+  earlier = store.read_json(os.path.join(workdir, "results.json"), "results").get("forgotten", []) if store.exists(
+      os.path.join(workdir, "results.json")) else []
   cfg.tasks = tuple(t for t in cfg.tasks if t != task)
+  cfg.task_order_seed = -1  # the remaining tasks keep their order
   cfg.methods = ("routing",)
   with cfg.unlocked():
     if cfg.get("sources") and task in cfg.sources and task not in cfg.foundation:
       del cfg.sources[task]
-  pending = f"results.forget-{task}.json"
-  results = run_stream(cfg, workdir, eval_only=True, results_name=pending)  # reads only the remaining adapters
-  results["forgotten"] = [task]
+  # 1. evaluate (nothing in the workdir changes if this fails), 2. write the new files beside the old ones,
+  # 3. rename: the adapter aside, the old files aside, the new ones into place.
+  pending_results = os.path.join(workdir, f"results.forget-{task}.json")
+  results = run_stream(cfg, workdir, eval_only=True, results_name=os.path.basename(pending_results))
+  results["forgotten"] = earlier + [task]
+  store.write_json(pending_results, results)
+  pending_config = os.path.join(workdir, f"config.forget-{task}.json")
+  store.write_json(pending_config, json.loads(json.dumps(cfg.to_dict(), default=str)))
   forgotten = os.path.join(workdir, "forgotten", task)
   store.makedirs(os.path.dirname(forgotten))
-  _keep_aside(forgotten)
+  store.keep_aside(forgotten)
   epath.Path(adapter).rename(forgotten)
-  _keep_aside(os.path.join(workdir, "config.json"))
-  store.write_json(os.path.join(workdir, "config.json"), json.loads(json.dumps(cfg.to_dict(), default=str)))
-  _keep_aside(os.path.join(workdir, "results.json"))
-  store.write_json(os.path.join(workdir, "results.json"), results)
-  epath.Path(workdir, pending).unlink()
+  for name, pending in (("config.json", pending_config), ("results.json", pending_results)):
+    store.keep_aside(os.path.join(workdir, name))
+    epath.Path(pending).rename(os.path.join(workdir, name))
   report.write_all(workdir, results)
   return results
 

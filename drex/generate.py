@@ -8,50 +8,25 @@ Prints the answer and, per decoder layer, the mean routing weight of each expert
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags
 import jax
-import ml_collections
 import numpy as np
 
-from drex import base as base_lib
 from drex import cli
-from drex import config as config_lib
 from drex import evaluation
+from drex import serving
 from drex.adapters import lora, routers
-from drex.checkpoints import store
 from drex.data import images, record
 from drex.errors import UserError
 from drex.models.generation import jitted_greedy_generate
 from drex.parallel import Parallel
+from drex.workdir import load_routed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
 _IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG/...); omit for a text-only question.")
 _QUESTION = flags.DEFINE_string("question", None, "The question.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate at most.")
-
-
-def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.ConfigDict, list[str]]:
-  """Base, variables (params + stacked experts + router) and config of a finished workdir."""
-  cfg = config_lib.read_run_config(workdir)
-  base = base_lib.load_from_workdir(workdir)
-  experts, vectors = [], []
-  for task in cfg.tasks:
-    directory = os.path.join(workdir, "adapters", task)
-    if not store.isdir(directory):
-      raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
-    ex, rt, _ = store.load_adapter(directory)
-    experts.append(ex)
-    vectors.append(rt)
-  router = lora.stack(vectors)
-  if "null_v" in routers.from_config(cfg.router, 1).reads():
-    router = lora.merge_trees(router, store.load_tree(os.path.join(workdir, "null_expert"), None,
-                                                      "null-expert prototypes"))
-  return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)
-
-
-_PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: one compile serves similar lengths
 
 
 def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_tokens: int = 16) -> dict:
@@ -68,7 +43,7 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   question_record = record.make([(question, "")], [] if image is None else [image])
   pixels, tiles = encoder.pixels(question_record["images"])
   prompt = encoder.prompt_ids(question_record, tiles)
-  pad = -len(prompt) % _PROMPT_BUCKET
+  pad = -len(prompt) % serving.PROMPT_BUCKET
   ids = np.asarray([[encoder.pad_id] * pad + prompt], np.int32)
   mask = np.asarray([[0] * pad + [1] * len(prompt)], np.int32)
   tokens = jitted_greedy_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id,

@@ -26,7 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A finished drex.train workdir."
 _REQUESTS = flags.DEFINE_string("requests", None, "JSONL file of requests.")
 _OUT = flags.DEFINE_string("out", None, "JSONL file to write the answers to.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Requests answered together.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Answer length of requests that do not give one.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Answer length of requests that give none (0: the run's "
+                                "data.max_new_tokens).")
 
 FIELDS = ("question", "image", "task", "experts", "max_new_tokens")
 

@@ -7,37 +7,34 @@
                    Request("describe the image .", image="s.png", experts=[])])     # the base alone
 
 Every request of a batch is routed by its own selection in one compiled program: the workdir's router (its
-config.router: level, k, temperature, null expert) restricted to the selected experts (`allowed`), or, for one
-task's expert or the base alone, fixed weights (`Selecting`, a router kind of drex.adapters.routers). Prompts
+config.router: level, k, temperature, null expert) restricted to the selected experts (the `allowed` variable
+every inference router honours), or, for one task's expert or the base alone, fixed weights (`Selecting`, a
+router that wraps the workdir's). Batches gather requests of similar prompt length and answer length; prompts
 are left-padded to a length bucket and batches to a fixed size, so a handful of programs serve any stream of
 requests; decoding is greedy with the KV cache, each answer cut at its request's max_new_tokens and at the end
-of its turn. A request naming an unknown task or an unreadable image is answered with an error of its own.
+of its turn. A request naming an unknown task, giving a field of the wrong type or an unreadable image is
+answered with an error of its own; the others are answered.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drex import base as base_lib
-from drex import config as config_lib
 from drex.adapters import lora, routers
-from drex.checkpoints import store
 from drex.data import images, record
 from drex.errors import UserError
 from drex.models.generation import jitted_greedy_generate
 from drex.task_data import round_up
+from drex.workdir import load_routed
 
-log = logging.getLogger(__name__)
 
-PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this many tokens
+PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this many tokens (drex.generate.ask too)
+MAX_NEW_TOKENS = 1024  # the longest answer a request may ask for
 
 
 @dataclasses.dataclass
@@ -46,13 +43,16 @@ class Request:
   alone); neither: routed over all the workdir's experts."""
 
   question: str
-  image: str | None = None  # an image file (path or gs://); None for a text-only question
+  image: str | list[str] | None = None  # image file(s) (paths or gs://); None for a text-only question
   task: str | None = None
   experts: list[str] | None = None
   max_new_tokens: int | None = None
 
 
-@routers.register
+routers.EXTRA_LEAVES.update({name: routers.Leaf(lambda d_in: ("activation_batch", None))
+                             for name in ("fixed", "use_fixed")})
+
+
 @dataclasses.dataclass(frozen=True)
 class Selecting(routers.Router):
   """Each sequence's own selection: the inner router restricted to the `allowed` experts, or `fixed` weights
@@ -60,13 +60,11 @@ class Selecting(routers.Router):
   allowed [B, E], fixed [B, E], use_fixed [B, 1]."""
 
   KIND: ClassVar[str] = "selecting"
-  LEAVES: ClassVar[dict[str, routers.Leaf]] = {
-      name: routers.Leaf(lambda d_in: ("activation_batch", None)) for name in ("allowed", "fixed", "use_fixed")}
-  inner: routers.Router = routers.TopK()
+  inner: routers.Router
 
   @property
-  def PER_SEQUENCE(self) -> bool:  # pylint: disable=invalid-name
-    return self.inner.PER_SEQUENCE
+  def per_sequence(self) -> bool:
+    return self.inner.per_sequence
 
   @property
   def per_sequence_experts(self) -> int:
@@ -89,44 +87,42 @@ class Selecting(routers.Router):
     return jnp.where(variables["use_fixed"] > 0, fixed, chosen)  # the gathered mixture then uses the fixed expert
 
   def gates(self, x, num_experts, variables, experts, chosen=None):
-    inner = (self.inner.gates(x, num_experts, variables, experts, chosen) if self.inner.PER_SEQUENCE
+    inner = (self.inner.gates(x, num_experts, variables, experts, chosen) if self.inner.per_sequence
              else self.inner.gates(x, num_experts, variables, experts))
     use_fixed = variables["use_fixed"][:, None, :] > 0  # [B, 1, 1]
     return jnp.where(use_fixed, variables["fixed"][:, None, :], inner)
 
 
+def _steps(max_new_tokens: int) -> int:
+  """Decoding steps of a batch: the next power of two (few compiled programs)."""
+  return 1 << (max_new_tokens - 1).bit_length()
+
+
 class Server:
   """A workdir's base, experts and router, loaded once; `generate` answers lists of requests."""
 
-  def __init__(self, workdir: str, batch_size: int = 16, max_new_tokens: int = 16):
-    self.workdir, self.batch_size, self.max_new_tokens = workdir, batch_size, max_new_tokens
-    self.cfg = config_lib.read_run_config(workdir)
-    self.base = base_lib.load_from_workdir(workdir)
-    self.tasks = list(self.cfg.tasks)
-    experts, vectors = [], []
-    for task in self.tasks:
-      directory = os.path.join(workdir, "adapters", task)
-      if not store.isdir(directory):
-        raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
-      ex, rt, _ = store.load_adapter(directory)
-      experts.append(ex)
-      vectors.append(rt)
+  def __init__(self, workdir: str, batch_size: int = 16, max_new_tokens: int = 0):
+    """max_new_tokens: the answer length of requests that give none (0: the run's data.max_new_tokens)."""
+    self.workdir, self.batch_size = workdir, batch_size
+    self.base, variables, self.cfg, self.tasks = load_routed(workdir)
+    self.max_new_tokens = max_new_tokens or self.cfg.data.max_new_tokens
+    self.experts, self.vectors = variables["experts"], variables["router"]
     self.router = routers.from_config(self.cfg.router, len(self.tasks))
-    router_tree = lora.stack(vectors)
-    if "null_v" in self.router.reads():
-      router_tree = lora.merge_trees(router_tree, store.load_tree(os.path.join(workdir, "null_expert"), None,
-                                                                  "null-expert prototypes"))
-    self.experts, self.vectors = lora.stack(experts), router_tree
     c = self.cfg.lora
     self.model = self.base.model(lora.AdapterSpec(Selecting(self.router), c.lora_alpha, c.rslora, c.kernel))
-    self.encoder = self.base.encoder()
-    self.paths = sorted({path[:-1] for path in flax.traverse_util.flatten_dict(router_tree)})
+    self.encoder = self.base.encoder(self.cfg.data.max_tiles)  # the tiling the run trained and evaluated with
+    self.paths = sorted({path[:-1] for path in flax.traverse_util.flatten_dict(self.vectors)})
 
   # -- one request
   def selection(self, request: Request) -> tuple[list[str], np.ndarray, np.ndarray, float]:
     """(the task names used, allowed [E], fixed [E], use_fixed) of a request; a UserError for unknown names."""
     e = len(self.tasks)
     known = ", ".join(self.tasks)
+    if request.task is not None and not isinstance(request.task, str):
+      raise UserError(f"'task' must be a task name, got {request.task!r}")
+    if request.experts is not None and (not isinstance(request.experts, list)
+                                        or not all(isinstance(t, str) for t in request.experts)):
+      raise UserError(f"'experts' must be a list of task names, got {request.experts!r}")
     if request.task is not None and request.experts is not None:
       raise UserError("a request names both 'task' and 'experts'; give one")
     if request.task is not None:
@@ -148,11 +144,13 @@ class Server:
     if not isinstance(request.question, str) or not request.question.strip():
       raise UserError("a request needs a non-empty 'question'")
     limit = request.max_new_tokens if request.max_new_tokens is not None else self.max_new_tokens
-    if not isinstance(limit, int) or limit < 1:
-      raise UserError(f"'max_new_tokens' must be a positive integer, got {limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_NEW_TOKENS:
+      raise UserError(f"'max_new_tokens' must be an integer from 1 to {MAX_NEW_TOKENS}, got {limit!r}")
     used, allowed, fixed, use_fixed = self.selection(request)
-    image = [] if request.image is None else [images.load_image(request.image)]
-    question = record.make([(request.question, "")], image)
+    paths = [] if request.image is None else [request.image] if isinstance(request.image, str) else request.image
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+      raise UserError(f"'image' must be a path or a list of paths, got {request.image!r}")
+    question = record.make([(request.question, "")], [images.load_image(p) for p in paths])
     pixels, tiles = self.encoder.pixels(question["images"])
     prompt = self.encoder.prompt_ids(question, tiles)
     return {"pixels": pixels, "prompt": prompt, "allowed": allowed, "fixed": fixed, "use_fixed": use_fixed,
@@ -174,7 +172,7 @@ class Server:
     length = round_up(max(len(r["prompt"]) for r in filled), PROMPT_BUCKET)
     ids = np.asarray([[self.encoder.pad_id] * (length - len(r["prompt"])) + r["prompt"] for r in filled], np.int32)
     mask = np.asarray([[0] * (length - len(r["prompt"])) + [1] * len(r["prompt"]) for r in filled], np.int32)
-    steps = 1 << (max(r["max_new_tokens"] for r in rows) - 1).bit_length()  # a power of two: few programs
+    steps = _steps(max(r["max_new_tokens"] for r in rows))
     tokens = jitted_greedy_generate(self.model, self._variables(filled), np.stack([r["pixels"] for r in filled]), ids,
                                     mask, steps, self.encoder.eos_id, self.encoder.pad_id)
     tokens = np.asarray(tokens)
@@ -191,7 +189,8 @@ class Server:
         out[i] = {"error": str(e)}
         if progress:
           progress(1)
-    ready.sort(key=lambda item: round_up(len(item[1]["prompt"]), PROMPT_BUCKET))  # similar lengths together
+    ready.sort(key=lambda item: (_steps(item[1]["max_new_tokens"]),  # similar answer and prompt lengths together
+                                 round_up(len(item[1]["prompt"]), PROMPT_BUCKET)))
     for start in range(0, len(ready), self.batch_size):
       chunk = ready[start:start + self.batch_size]
       for (i, row), answer in zip(chunk, self._answer([row for _, row in chunk])):

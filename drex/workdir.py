@@ -21,7 +21,6 @@ import logging
 import os
 from typing import Any, Callable
 
-from etils import epath
 import jax
 import ml_collections
 
@@ -94,11 +93,7 @@ def record_run(cfg: ml_collections.ConfigDict, workdir: str, base: base_lib.Base
   if store.exists(path):
     if store.read_json(path, "run config") == new:
       return
-    n = 1
-    while store.exists(os.path.join(workdir, f"config.{n}.json")):
-      n += 1
-    epath.Path(path).rename(os.path.join(workdir, f"config.{n}.json"))
-    log.info("the config differs from this workdir's last one, kept as config.%d.json", n)
+    log.info("the config differs from this workdir's last one, kept as %s", store.keep_aside(path))
   store.write_json(path, new)
 
 
@@ -127,3 +122,25 @@ def load_or_train(slot: Slot, expected_experts: Any, expected_router: Any | None
   for checkpoint in checkpoints:  # committed: the stages' resume points are not needed any more
     checkpoint.remove()
   return experts, router
+
+
+def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.ConfigDict, list[str]]:
+  """A finished workdir's base, variables ({'params', 'experts': all tasks' stacked in stream order, 'router':
+  their routing vectors, + the null-expert prototypes when its router uses them}), run config and task names."""
+  from drex import config as config_lib  # pylint: disable=g-import-not-at-top
+  from drex.adapters import lora, routers  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.read_run_config(workdir)
+  base = base_lib.load_from_workdir(workdir)
+  experts, vectors = [], []
+  for task in cfg.tasks:
+    directory = os.path.join(workdir, "adapters", task)
+    if not store.isdir(directory):
+      raise UserError(f"adapter not found: {directory}; run drex.train with this --workdir first")
+    ex, rt, _ = store.load_adapter(directory)
+    experts.append(ex)
+    vectors.append(rt)
+  router = lora.stack(vectors)
+  if "null_v" in routers.from_config(cfg.router, 1).reads():
+    router = lora.merge_trees(router, store.load_tree(os.path.join(workdir, "null_expert"), None,
+                                                      "null-expert prototypes"))
+  return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)

@@ -22,8 +22,8 @@ def _scores_setup(t=7, e=4, d=12, seed=0):
 def _gates(router, x, v, mask=None, **variables):
   """x: [B, L, d] -> [B, L, E] through the router's own protocol (a per-sequence choice first)."""
   variables = {"v": v, **variables}
-  chosen = router.choose(x, mask, v.shape[0], variables, {}) if router.PER_SEQUENCE else None
-  return router.gates(x, v.shape[0], variables, {}, chosen) if router.PER_SEQUENCE else router.gates(
+  chosen = router.choose(x, mask, v.shape[0], variables, {}) if router.per_sequence else None
+  return router.gates(x, v.shape[0], variables, {}, chosen) if router.per_sequence else router.gates(
       x, v.shape[0], variables, {})
 
 
@@ -100,3 +100,16 @@ def test_kv_cached_generation_equals_uncached(routed_micro, level):
   np.testing.assert_array_equal(ids[:, -5:], out)
   if level != "token":
     assert jax.tree_util.tree_leaves(state)  # the choice was kept
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "hybrid"])
+def test_a_restriction_to_some_experts_holds_with_padding(level):
+  """`allowed` (a served request's selection): only those experts get weight, also for left-padded prompts."""
+  x, v = _scores_setup(t=10)
+  seqs = x.reshape(2, 5, -1)
+  mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+  allowed = jnp.asarray([[0, 1, 0, 0], [1, 0, 1, 1]], jnp.float32)
+  g = np.asarray(_gates(LEVELS[level], seqs, v, mask, allowed=allowed))
+  assert np.isfinite(g).all()
+  assert (g[0, :, [0, 2, 3]] == 0).all() and np.allclose(g[0, 2:, 1], 1.0)  # one allowed expert takes it all
+  assert (g[1, :, 1] == 0).all() and np.allclose(g[1].sum(-1), 1.0, atol=1e-6)

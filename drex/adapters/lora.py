@@ -75,7 +75,7 @@ class AdaptedLinear(Linear):
       variables = {name: self.get_variable("router", name) for name in routers.leaves()
                    if self.has_variable("router", name)}
       experts, router = {"lora_a": a, "lora_b": b}, self.spec.router
-      if router.PER_SEQUENCE:
+      if router.per_sequence:
         if self.has_variable("routing_state", "chosen") and not self.is_mutable_collection("routing_state"):
           chosen = self.get_variable("routing_state", "chosen")
         else:

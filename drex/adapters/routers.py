@@ -9,7 +9,9 @@ A router class says, in one place:
     `check` (the config validation) for a router that routes at inference time (`INFERENCE = True`);
   * `top_k`: the experts a token uses, when known (the mixture kernel's choice).
 `config.router`, `lora.adapter_shardings`, `config.validate`, `drex.evaluate`'s overrides and the driver
-read the registry; adding a kind is one class decorated with `@register` (see tests/test_adapters.py).
+read the registry; adding a kind is one class decorated with `@register` (tests/test_end_to_end.py registers one
+from the test file). Every inference router honours an `allowed` [B, E] variable (`restrict`): a sequence's
+restriction to some experts (drex.serving).
 
 Kinds:
 * `single(e)`: one-hot on expert e (expert training, oracle evaluation, plain LoRA use).
@@ -62,7 +64,7 @@ class Router:
 
   KIND: ClassVar[str] = ""
   INFERENCE: ClassVar[bool] = False  # selectable as config.router.kind
-  PER_SEQUENCE: ClassVar[bool] = False  # chooses once per sequence (`choose`), from its prompt
+  PER_SEQUENCE: ClassVar[bool] = False  # the class chooses once per sequence (`choose`), from its prompt
   LEAVES: ClassVar[dict[str, Leaf]] = {}
   OPTIONS: ClassVar[dict[str, tuple[Any, str]]] = {}  # config.router field -> (default, one-line comment)
 
@@ -81,6 +83,11 @@ class Router:
   def reads(self) -> tuple[str, ...]:
     """The `router` leaves this router needs."""
     return ()
+
+  @property
+  def per_sequence(self) -> bool:
+    """Whether this router chooses once per sequence (a wrapper may answer for the router it wraps)."""
+    return self.PER_SEQUENCE
 
   @property
   def top_k(self) -> int | None:
@@ -130,12 +137,27 @@ def inference_kinds() -> tuple[str, ...]:
   return tuple(k for k, cls in REGISTRY.items() if cls.INFERENCE)
 
 
+# Variables that are not any router kind's own but routers honour (`allowed`: per-sequence restriction to some
+# experts [B, E]) or that wrappers outside this module add (drex.serving): name -> Leaf.
+EXTRA_LEAVES: dict[str, Leaf] = {"allowed": Leaf(lambda d_in: ("activation_batch", None))}
+
+
 def leaves() -> dict[str, Leaf]:
-  """Every `router` leaf any registered router defines."""
-  out: dict[str, Leaf] = {}
+  """Every `router` leaf a registered router, or a wrapper (EXTRA_LEAVES), defines."""
+  out: dict[str, Leaf] = dict(EXTRA_LEAVES)
   for cls in REGISTRY.values():
     out.update(cls.LEAVES)
   return out
+
+
+def restrict(scores: jax.Array, variables: dict) -> jax.Array:
+  """Scores [B, L, E (+ K null)] with the experts a sequence may not use (`allowed` [B, E] = 0) at -inf; the
+  null prototypes stay allowed. Unchanged without an `allowed` variable."""
+  allowed = variables.get("allowed")
+  if allowed is None:
+    return scores
+  allowed = jnp.pad(allowed, ((0, 0), (0, scores.shape[-1] - allowed.shape[-1])), constant_values=1)
+  return jnp.where(allowed[:, None, :] > 0, scores, -jnp.inf)
 
 
 def config_defaults(kind: str) -> ml_collections.ConfigDict:
@@ -276,14 +298,9 @@ class TopK(Router):
   calibrated: bool = False
 
   def scores(self, x: jax.Array, variables: dict) -> jax.Array:
-    """[..., E (+ K null prototypes)] routing scores of tokens x [..., d_in]. With an `allowed` [B, E] mask among
-    the variables (requests restricted to some experts: drex.serving), the others score -inf for x [B, L, d_in]."""
-    scores = self._scores(x, variables)
-    allowed = variables.get("allowed")
-    if allowed is None:
-      return scores
-    allowed = jnp.pad(allowed, ((0, 0), (0, scores.shape[-1] - allowed.shape[-1])), constant_values=1)  # null: yes
-    return jnp.where(allowed[:, None, :] > 0, scores, -jnp.inf)
+    """[..., E (+ K null prototypes)] routing scores of tokens x [..., d_in], restricted to the `allowed` experts
+    when the variables hold such a mask (x [B, L, d_in] then)."""
+    return restrict(self._scores(x, variables), variables)
 
   def _scores(self, x: jax.Array, variables: dict) -> jax.Array:
     v = _require(variables, "v", self.KIND)
@@ -302,10 +319,12 @@ class TopK(Router):
     return phatgoose_scores(x, vectors, self.temperature)
 
   def sequence_scores(self, x: jax.Array, token_mask: jax.Array | None, variables: dict) -> jax.Array:
-    """[B, E (+ K)]: each sequence's scores, the mean over its real tokens of x [B, L, d_in]."""
-    scores = self.scores(x, variables)
+    """[B, E (+ K)]: each sequence's scores, the mean over its real tokens of x [B, L, d_in] (then restricted to
+    the `allowed` experts: a restriction's -inf never meets a padding token's zero weight)."""
+    scores = self._scores(x, variables)
     weight = jnp.ones(x.shape[:2], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
-    return (scores * weight[..., None]).sum(1) / jnp.maximum(weight.sum(1), 1.0)[:, None]
+    pooled = (scores * weight[..., None]).sum(1) / jnp.maximum(weight.sum(1), 1.0)[:, None]
+    return restrict(pooled[:, None, :], variables)[:, 0]
 
   def gates(self, x, num_experts, variables, experts, chosen=None):
     return topk_softmax(self.scores(x, variables), self.k)[..., :num_experts]
@@ -393,7 +412,7 @@ class Arrow(Router):
   def gates(self, x, num_experts, variables, experts, chosen=None):
     protos = arrow_prototypes(experts["lora_a"], experts["lora_b"])
     scores = jnp.abs(jnp.einsum("...d,ed->...e", x.astype(jnp.float32), protos)) / self.temperature
-    return topk_softmax(scores, self.k)
+    return topk_softmax(restrict(scores, variables), self.k)
 
   @property
   def top_k(self):
@@ -420,7 +439,11 @@ class Dense(Router):
   def gates(self, x, num_experts, variables, experts, chosen=None):
     if len(self.weights) != num_experts:
       raise ValueError(f"dense router has {len(self.weights)} weights for {num_experts} experts")
-    return jnp.broadcast_to(jnp.asarray(self.weights, jnp.float32), x.shape[:-1] + (num_experts,))
+    weights = jnp.broadcast_to(jnp.asarray(self.weights, jnp.float32), x.shape[:-1] + (num_experts,))
+    if "allowed" in variables:  # renormalized over the allowed experts
+      weights = weights * variables["allowed"][:, None, :]
+      weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-12)
+    return weights
 
   @classmethod
   def from_config(cls, c, num_experts):

@@ -165,6 +165,18 @@ def verify(directory: str | os.PathLike, what: str) -> None:
     raise UserError(f"{what} is damaged: {where} {problem}; delete {directory} and re-run to make it again")
 
 
+def keep_aside(path: str) -> str | None:
+  """Rename `path` (a file or directory, if it is there) to the first free `<stem>.<n><ext>`; returns that name."""
+  if not exists(path):
+    return None
+  stem, ext = os.path.splitext(path)
+  n = 1
+  while exists(f"{stem}.{n}{ext}"):
+    n += 1
+  epath.Path(path).rename(f"{stem}.{n}{ext}")
+  return f"{stem}.{n}{ext}"
+
+
 def check_writable(directory: str | os.PathLike) -> None:
   """One line, before anything is written, when `directory` cannot be created or written; leaves nothing behind
   (a probe file and any folders made for it are removed again)."""

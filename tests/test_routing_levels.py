@@ -113,3 +113,14 @@ def test_a_restriction_to_some_experts_holds_with_padding(level):
   assert np.isfinite(g).all()
   assert (g[0, :, [0, 2, 3]] == 0).all() and np.allclose(g[0, 2:, 1], 1.0)  # one allowed expert takes it all
   assert (g[1, :, 1] == 0).all() and np.allclose(g[1].sum(-1), 1.0, atol=1e-6)
+
+
+def test_last_token_pooling_routes_a_sequence_by_its_last_prompt_token():
+  x, v = _scores_setup(t=10)
+  seqs = x.reshape(2, 5, -1)
+  last = routers.SequenceTopK(k=2, pooling="last")
+  g = _gates(last, seqs, v, jnp.ones((2, 5), bool))
+  token = _gates(LEVELS["token"], seqs, v)
+  np.testing.assert_allclose(g, jnp.broadcast_to(token[:, -1:], g.shape), atol=1e-6)  # the last token's choice
+  changed = seqs.at[:, :-1].set(50.0)  # earlier prompt tokens do not matter
+  np.testing.assert_allclose(_gates(last, changed, v, jnp.ones((2, 5), bool)), g, atol=1e-6)

@@ -290,12 +290,15 @@ class TopK(Router):
                           "its prompt, kept for its answer), 'hybrid' (the sequence picks candidates, its tokens mix "
                           "them; chosen on the validation split, routing_levels_cpu.md)"),
       "candidates": (2, "hybrid: experts the sequence level keeps for the tokens to mix"),
+      "pooling": ("mean", "sequence / hybrid: a sequence's score, the 'mean' over its prompt tokens or the score of "
+                          "its 'last' token (where the first answer token is predicted)"),
   }
   LEVELS: ClassVar[tuple[str, ...]] = ("token", "sequence", "hybrid")
   k: int = 2
   temperature: float = 1.0
   null_expert: bool = False
   calibrated: bool = False
+  pooling: str = "mean"
 
   def scores(self, x: jax.Array, variables: dict) -> jax.Array:
     """[..., E (+ K null prototypes)] routing scores of tokens x [..., d_in], restricted to the `allowed` experts
@@ -321,6 +324,8 @@ class TopK(Router):
   def sequence_scores(self, x: jax.Array, token_mask: jax.Array | None, variables: dict) -> jax.Array:
     """[B, E (+ K)]: each sequence's scores, the mean over its real tokens of x [B, L, d_in] (then restricted to
     the `allowed` experts: a restriction's -inf never meets a padding token's zero weight)."""
+    if self.pooling == "last":  # prompts are left-padded: the last position is the prompt's last token
+      return restrict(self._scores(x[:, -1:], variables), variables)[:, 0]
     scores = self._scores(x, variables)
     weight = jnp.ones(x.shape[:2], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
     pooled = (scores * weight[..., None]).sum(1) / jnp.maximum(weight.sum(1), 1.0)[:, None]
@@ -344,6 +349,8 @@ class TopK(Router):
   def from_config(cls, c, num_experts):
     kind = {"token": TopK, "sequence": SequenceTopK, "hybrid": HybridTopK}[c.level]
     extra = {"candidates": c.candidates} if kind is HybridTopK else {}
+    if kind is not TopK:
+      extra["pooling"] = c.pooling
     return kind(k=c.k, temperature=c.temperature, null_expert=c.null_expert, calibrated=c.calibrate, **extra)
 
   @classmethod
@@ -353,6 +360,8 @@ class TopK(Router):
       raise UserError(f"config.router.level must be one of {cls.LEVELS}, got {c.level!r}")
     if c.candidates < 1:
       raise UserError(f"config.router.candidates must be >= 1, got {c.candidates}")
+    if c.pooling not in ("mean", "last"):
+      raise UserError(f"config.router.pooling must be 'mean' or 'last', got {c.pooling!r}")
 
 
 @dataclasses.dataclass(frozen=True)

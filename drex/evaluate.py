@@ -26,9 +26,10 @@ from drex.checkpoints import store
 from drex.errors import UserError
 from drex.stream import run_stream
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
-_CONFIG = config_flags.DEFINE_config_dict("config", config_lib.stream_config(),
-                                          "Overrides of the workdir's config, e.g. --config.router.k=1.")
+if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
+  _CONFIG = config_flags.DEFINE_config_dict("config", config_lib.stream_config(),
+                                            "Overrides of the workdir's config, e.g. --config.router.k=1.")
 
 
 def main(argv):

@@ -21,10 +21,11 @@ import jax
 
 from drex import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir (with base/ and adapters/<task>/).")
-_TASK = flags.DEFINE_string("task", "", "The task whose expert to export (adapters/<task>/).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (must not exist or be empty).")
-_MERGED = flags.DEFINE_bool("merged", False, "Write base + expert merged as a transformers checkpoint.")
+if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir (with base/ and adapters/<task>/).")
+  _TASK = flags.DEFINE_string("task", "", "The task whose expert to export (adapters/<task>/).")
+  _OUT = flags.DEFINE_string("out", None, "Output directory (must not exist or be empty).")
+  _MERGED = flags.DEFINE_bool("merged", False, "Write base + expert merged as a transformers checkpoint.")
 
 
 def main(argv):

@@ -27,8 +27,9 @@ from drex import report
 from drex.checkpoints import store
 from drex.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished drex.train workdir.")
-_TASK = flags.DEFINE_string("task", None, "The task to remove.")
+if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A finished drex.train workdir.")
+  _TASK = flags.DEFINE_string("task", None, "The task to remove.")
 
 
 def forget(workdir: str, task: str) -> dict:

@@ -23,10 +23,11 @@ from drex.models.generation import jitted_greedy_generate
 from drex.parallel import Parallel
 from drex.workdir import load_routed
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
-_IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG/...); omit for a text-only question.")
-_QUESTION = flags.DEFINE_string("question", None, "The question.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate at most.")
+if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A drex.train workdir.")
+  _IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG/...); omit for a text-only question.")
+  _QUESTION = flags.DEFINE_string("question", None, "The question.")
+  _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate at most.")
 
 
 def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_tokens: int = 16) -> dict:

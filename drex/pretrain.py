@@ -44,8 +44,9 @@ from drex.errors import UserError
 from drex.models import presets
 from drex.training import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/base_tiny.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; WORKDIR/base is written once.")
+if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/base_tiny.py).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; WORKDIR/base is written once.")
 
 log = logging.getLogger("drex.pretrain")  # __name__ is "__main__" under python -m
 

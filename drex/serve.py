@@ -22,12 +22,13 @@ from tqdm import tqdm
 from drex import cli
 from drex.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished drex.train workdir.")
-_REQUESTS = flags.DEFINE_string("requests", None, "JSONL file of requests.")
-_OUT = flags.DEFINE_string("out", None, "JSONL file to write the answers to.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Requests answered together.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Answer length of requests that give none (0: the run's "
-                                "data.max_new_tokens).")
+if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A finished drex.train workdir.")
+  _REQUESTS = flags.DEFINE_string("requests", None, "JSONL file of requests.")
+  _OUT = flags.DEFINE_string("out", None, "JSONL file to write the answers to.")
+  _BATCH = flags.DEFINE_integer("batch_size", 16, "Requests answered together.")
+  _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Answer length of requests that give none (0: the run's "
+                                  "data.max_new_tokens).")
 
 FIELDS = ("question", "image", "task", "experts", "max_new_tokens")
 

@@ -17,8 +17,9 @@ from ml_collections import config_flags
 from drex import cli
 from drex import parallel
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stream config file, e.g. configs/task3.py[:smoke].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Stream config file, e.g. configs/task3.py[:smoke].")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 
 
 def main(argv):

@@ -47,3 +47,17 @@ def test_missing_base_checkpoint(tmp_path):
   code, lines = _run("drex.train", "--config=configs/task3.py:smoke", f"--config.base.checkpoint={tmp_path}/nothing",
                      f"--workdir={tmp_path}/run")
   assert code == 2 and "base checkpoint directory not found" in _one_error_line(lines, "drex.train")
+
+
+def test_entry_points_import_together():
+  """Importing the commands as modules (tests and library code import generate.ask, forget.forget) defines no
+  flags, so any of them can be imported together; each still parses its own flags when run."""
+  modules = ["drex.train", "drex.evaluate", "drex.generate", "drex.export", "drex.pretrain", "drex.serve",
+             "drex.forget"]
+  proc = subprocess.run([sys.executable, "-c", "import importlib\nfor m in %r: importlib.import_module(m)" % modules],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  for module in modules:  # absl's --help lists the module's own flags (and exits 1)
+    help_text = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=300).stdout
+    assert "--workdir:" in help_text, (module, help_text[-500:])

@@ -245,14 +245,9 @@ def train_router(run: Run, label: str, stage: str, experts: Any, task: str, seed
 # ------------------------------------------------------------------------------------------ routing statistics
 
 
-def _sample_size(cfg: ml_collections.ConfigDict) -> int:
-  batch = cfg.data.eval_batch_size
-  return max(batch, cfg.router.null_sample // batch * batch)
-
-
 def _sample_batches(run: Run, records, encoder: pipeline.Encoder, prompt_len: int):
   """Unlabeled prompts of a source (router.null_sample of them)."""
-  return pipeline.eval_batches(records, encoder, prompt_len, run.cfg.data.eval_batch_size, _sample_size(run.cfg),
+  return pipeline.eval_batches(records, encoder, prompt_len, run.cfg.data.eval_batch_size, workdir_lib.routing_sample_size(run.cfg),
                                jax.process_index(), jax.process_count())
 
 
@@ -278,7 +273,7 @@ def _foundation_sample(run: Run, name: str) -> tuple:
   except UserError:
     log.warning("%s has no train split: its null-expert prototype is made from its validation prompts", name)
     records = source.records("validation")
-  sample = record_lib.Subset(records, range(min(len(records), _sample_size(run.cfg))))
+  sample = record_lib.Subset(records, range(min(len(records), workdir_lib.routing_sample_size(run.cfg))))
   longest = encoder.scan(sample).prompt_max
   return sample, encoder, max(run.data.eval_sets[name].prompt_len, task_data.round_up(longest, 8))
 
@@ -286,8 +281,8 @@ def _foundation_sample(run: Run, name: str) -> tuple:
 def null_prototypes(run: Run) -> Any:
   """The base as a zero-output expert: per adapted linear, the mean standardized input over unlabeled prompts
   of each foundation-suite member, null_v [K, d_in] (K = suite size), and each prototype's score statistics on
-  its member's prompts, null_stats [K, 2]. Made once, kept in WORKDIR/null_expert."""
-  directory = os.path.join(run.workdir, "null_expert")
+  its member's prompts, null_stats [K, 2]. Made once per suite and sample size (workdir_lib.null_expert_dir)."""
+  directory = workdir_lib.null_expert_dir(run.workdir, run.cfg)
   k = len(run.cfg.foundation)
   shapes = jax.eval_shape(lambda: lora.init_router(lora.stack([run.new_expert("shapes")] * k), ("v", "v_stats")))
   expected = _rename_leaves(_rename_leaves(shapes, "v", "null_v"), "v_stats", "null_stats")

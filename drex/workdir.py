@@ -4,7 +4,8 @@
   base/, base_source.json        the frozen base as used (written once), and where it came from
   adapters/<task>/               each task's expert and routing vectors: experts/, router/, metadata.json
   baselines/sequential/<i>_<task>/, baselines/mtl/   the baselines' LoRAs
-  null_expert/                   prototypes of the base as a zero-output expert (router option null_expert)
+  null_expert/<suite>-n<sample>/ prototypes of the base as a zero-output expert (router option null_expert), one
+                                 per foundation suite and router.null_sample (a cache of what base and data make)
   state/<stage>/                 resume points of the stage in progress (removed once committed)
   results.json, report.md, plots/, tensorboard/
 
@@ -70,8 +71,9 @@ def check_fits(slots: list[Slot]) -> None:
     if store.exists(meta_path):
       stored = store.read_json(meta_path, "adapter metadata").get("fingerprint")
       if stored != slot.fingerprint:
-        raise UserError(f"{slot.directory} was trained with a different config (fingerprint {stored} != "
-                        f"{slot.fingerprint}); use a new --workdir, or the config it was made with (WORKDIR/config.json)")
+        raise UserError(f"{slot.directory} was trained with a different config or by an earlier drex (fingerprint "
+                        f"{stored} != {slot.fingerprint}); use a new --workdir, or the config it was made with "
+                        "(WORKDIR/config.json)")
 
 
 def record_run(cfg: ml_collections.ConfigDict, workdir: str, base: base_lib.Base) -> None:
@@ -111,8 +113,8 @@ def load_or_train(slot: Slot, expected_experts: Any, expected_router: Any | None
   if store.isdir(slot.directory):
     experts, router, meta = store.load_adapter(slot.directory, expected_experts, expected_router)
     if meta.get("fingerprint") != slot.fingerprint:
-      raise UserError(f"{slot.directory} was trained with a different config (fingerprint {meta.get('fingerprint')} "
-                      f"!= {slot.fingerprint}); use a new --workdir or delete that adapter")
+      raise UserError(f"{slot.directory} was trained with a different config or by an earlier drex (fingerprint "
+                      f"{meta.get('fingerprint')} != {slot.fingerprint}); use a new --workdir or delete that adapter")
     log.info("reusing %s", slot.directory)
     return experts, router
   if eval_only:
@@ -122,6 +124,18 @@ def load_or_train(slot: Slot, expected_experts: Any, expected_router: Any | None
   for checkpoint in checkpoints:  # committed: the stages' resume points are not needed any more
     checkpoint.remove()
   return experts, router
+
+
+def routing_sample_size(cfg: ml_collections.ConfigDict) -> int:
+  """Unlabeled prompts per null-expert prototype or calibration statistic: router.null_sample in whole
+  evaluation batches, at least one batch."""
+  batch = cfg.data.eval_batch_size
+  return max(batch, cfg.router.null_sample // batch * batch)
+
+
+def null_expert_dir(workdir: str, cfg: ml_collections.ConfigDict) -> str:
+  """Where the null-expert prototypes of this foundation suite and sample size are kept."""
+  return os.path.join(workdir, "null_expert", f"{'+'.join(cfg.foundation)}-n{routing_sample_size(cfg)}")
 
 
 def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.ConfigDict, list[str]]:
@@ -141,6 +155,9 @@ def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.Confi
     vectors.append(rt)
   router = lora.stack(vectors)
   if "null_v" in routers.from_config(cfg.router, 1).reads():
-    router = lora.merge_trees(router, store.load_tree(os.path.join(workdir, "null_expert"), None,
-                                                      "null-expert prototypes"))
+    directory = null_expert_dir(workdir, cfg)
+    if not store.isdir(directory):
+      raise UserError(f"null-expert prototypes not found: {directory}; make them with python -m drex.evaluate "
+                      f"--workdir={workdir} --config.router.null_expert=true")
+    router = lora.merge_trees(router, store.load_tree(directory, None, "null-expert prototypes"))
   return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)

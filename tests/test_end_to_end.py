@@ -6,6 +6,7 @@ effects checked, is marked slow (python -m pytest -m slow tests/test_end_to_end.
 import json
 import os
 
+import jax
 import matplotlib
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ import pytest
 from drex import base as base_lib
 from drex import generate
 from drex import serving
+from drex import workdir as workdir_lib
+from drex.checkpoints import store
 from drex.cli import load_config_file
 from drex.data import tasks
 from drex.errors import UserError
@@ -65,6 +68,23 @@ def test_smoke_stream_end_to_end_reuse_and_reevaluation(smoke_run):
   for method in stored["methods"]:
     assert again["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
     assert evaluated["methods"][method]["matrix"] == stored["methods"][method]["matrix"]
+
+
+def test_null_expert_prototypes_are_kept_per_sample_size(smoke_run):
+  """The null expert's prototypes are a cache of what the base and the data make: one per foundation suite and
+  sample size (router.null_sample in whole batches); another sample size makes new ones, never reuses others."""
+  _, workdir, _ = smoke_run
+  cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py:smoke"))
+  cfg.router.null_expert, cfg.methods = True, ("routing",)
+  made = []
+  for sample in (cfg.data.eval_batch_size, 2 * cfg.data.eval_batch_size):
+    cfg.router.null_sample = sample
+    results = run_stream(cfg, workdir, eval_only=True, results_name=f"null{sample}.json")
+    assert np.isfinite(results["methods"]["routing"]["matrix"]).all()
+    made.append(workdir_lib.null_expert_dir(workdir, cfg))
+  assert made[0] != made[1] and all(os.path.isdir(d) for d in made)
+  first, second = (store.load_tree(d, None, "prototypes") for d in made)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
 
 
 def test_ask_answers_the_same_with_and_without_prompt_padding(smoke_run, monkeypatch):

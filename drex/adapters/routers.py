@@ -386,7 +386,9 @@ class SequenceTopK(TopK):
 
 @dataclasses.dataclass(frozen=True)
 class HybridTopK(TopK):
-  """The sequence picks `candidates` experts (top sequence scores); each token then mixes the top-k of those."""
+  """The sequence picks `candidates` experts (top pooled prompt scores, `choose`: a [B, E (+ K)] 0/1 mask kept
+  for the sequence's decoded tokens); each token then mixes the top-k of those candidates by its own scores
+  (softmax at `temperature`); candidates covering every expert give the token level."""
 
   PER_SEQUENCE: ClassVar[bool] = True
   candidates: int = 2

@@ -7,10 +7,7 @@ import io
 import os
 
 from etils import epath
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure  # figures without pyplot: drawing reports leaves the user's backend alone
 import numpy as np
 
 SUMMARY_KEYS = ("average_accuracy", "foundation", "foundation_retention", "forgetting", "backward_transfer",
@@ -55,7 +52,8 @@ def markdown(results: dict) -> str:
 
 def plot_matrix(path: str, title: str, rows: list[str], columns: list[str], matrix, num_tasks: int) -> None:
   m = np.asarray(matrix)
-  fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2, 0.6 * len(rows) + 1.6))
+  fig = Figure(figsize=(1.1 * len(columns) + 2, 0.6 * len(rows) + 1.6))
+  ax = fig.subplots()
   im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
   ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right")
   ax.set_yticks(range(len(rows)), rows)
@@ -73,7 +71,8 @@ def plot_matrix(path: str, title: str, rows: list[str], columns: list[str], matr
 def plot_routing(path: str, title: str, profiles: dict[str, list[list[float]]], experts: list[str]) -> None:
   """profiles: eval set -> [layers, experts] mean routing weight."""
   names = list(profiles)
-  fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names) + 1, 2.8), squeeze=False)
+  fig = Figure(figsize=(2.2 * len(names) + 1, 2.8))
+  axes = fig.subplots(1, len(names), squeeze=False)
   for ax, name in zip(axes[0], names):
     p = np.asarray(profiles[name])
     ax.imshow(p, vmin=0, vmax=1, cmap="magma", aspect="auto")
@@ -89,7 +88,6 @@ def _save(fig, path: str) -> None:
   """PNG to a local or cloud path (matplotlib writes to a buffer, epath to the file)."""
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=110)
-  plt.close(fig)
   epath.Path(path).write_bytes(buffer.getvalue())
 
 

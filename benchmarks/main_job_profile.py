@@ -53,19 +53,17 @@ def main() -> None:
   train = trainer.train
 
   def timed_train(label, step_fn, state, frozen, batches, *rest, **kw):
-    class Waiting:  # the time spent waiting for batches
-      def __iter__(self):
-        return self
+    base_class = type(batches)
 
+    class Waiting(base_class):  # the time spent waiting for batches; still the iterator its checkpoints expect
       def __next__(self):
         begin = time.perf_counter()
         try:
-          return next(batches)
+          return base_class.__next__(self)
         finally:
           spent["pipeline"] += time.perf_counter() - begin
 
-      def __getattr__(self, name):  # get_state / set_state for the resume points
-        return getattr(batches, name)
+    batches.__class__ = Waiting
 
     def step(*a):
       begin = time.perf_counter()
@@ -73,7 +71,7 @@ def main() -> None:
       spent["steps"] += time.perf_counter() - begin
       return out
 
-    return train(label, step, state, frozen, Waiting(), *rest, **kw)
+    return train(label, step, state, frozen, batches, *rest, **kw)
 
   evaluate_row = stream.evaluate_row
 

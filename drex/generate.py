@@ -21,6 +21,7 @@ from drex.data import images, record
 from drex.errors import UserError
 from drex.models.generation import jitted_greedy_generate
 from drex.parallel import Parallel
+from drex.task_data import round_up
 from drex.workdir import load_routed
 
 if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
@@ -44,9 +45,7 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   question_record = record.make([(question, "")], [] if image is None else [image])
   pixels, tiles = encoder.pixels(question_record["images"])
   prompt = encoder.prompt_ids(question_record, tiles)
-  pad = -len(prompt) % serving.PROMPT_BUCKET
-  ids = np.asarray([[encoder.pad_id] * pad + prompt], np.int32)
-  mask = np.asarray([[0] * pad + [1] * len(prompt)], np.int32)
+  ids, mask = (x[None] for x in encoder.left_pad(prompt, round_up(len(prompt), serving.PROMPT_BUCKET)))
   tokens = jitted_greedy_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id,
                                   encoder.pad_id)
   batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}

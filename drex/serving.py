@@ -170,8 +170,7 @@ class Server:
     """Greedy answers of up to batch_size prepared rows (padded to batch_size, prompts to a bucket)."""
     filled = rows + [rows[0]] * (self.batch_size - len(rows))
     length = round_up(max(len(r["prompt"]) for r in filled), PROMPT_BUCKET)
-    ids = np.asarray([[self.encoder.pad_id] * (length - len(r["prompt"])) + r["prompt"] for r in filled], np.int32)
-    mask = np.asarray([[0] * (length - len(r["prompt"])) + [1] * len(r["prompt"]) for r in filled], np.int32)
+    ids, mask = (np.stack(column) for column in zip(*(self.encoder.left_pad(r["prompt"], length) for r in filled)))
     steps = _steps(max(r["max_new_tokens"] for r in rows))
     tokens = jitted_greedy_generate(self.model, self._variables(filled), np.stack([r["pixels"] for r in filled]), ids,
                                     mask, steps, self.encoder.eos_id, self.encoder.pad_id)

@@ -160,9 +160,13 @@ class Encoder:
     if len(prompt) > prompt_len:
       raise ValueError(f"prompt of {len(prompt)} tokens does not fit prompt_len={prompt_len} (prompt lengths are "
                        f"measured on the data: this record was not among those measured)")
-    pad = prompt_len - len(prompt)
-    return {"pixel_values": pixels, "input_ids": np.array([self.pad_id] * pad + prompt, np.int32),
-            "attention_mask": np.array([0] * pad + [1] * len(prompt), np.int32)}
+    ids, mask = self.left_pad(prompt, prompt_len)
+    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
+
+  def left_pad(self, prompt: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids [length] (the prompt left-padded with pad_id) and its attention_mask [length]."""
+    pad = length - len(prompt)
+    return np.array([self.pad_id] * pad + list(prompt), np.int32), np.array([0] * pad + [1] * len(prompt), np.int32)
 
   def lengths(self, record: dict) -> tuple[int, int]:
     """(prompt, prompt + answers) in tokens, from the image sizes alone."""

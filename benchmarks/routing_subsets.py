@@ -9,8 +9,9 @@ training again:
       '{"k":2};{"k":2,"null":true};{"k":2,"null":true,"cal":true,"T":0.5}'
 
 Subsets are ';'-separated lists of tasks; settings are ';'-separated JSON objects with k, T (temperature),
-null (null expert), cal (calibrated scores), level ('token', 'sequence', 'hybrid') and cand (the hybrid's
-candidates per sequence); what a setting leaves out is the run's own router config
+null (null expert), cal (calibrated scores), level ('token', 'sequence', 'hybrid'), cand (the hybrid's
+candidates per sequence), kind (the router kind, e.g. 'identify'), layers and shrink (identify's
+identify_layers and identify_shrinkage); what a setting leaves out is the run's own router config
 (`{}` = the routing the run evaluated with). An optional fourth argument names the split the
 accuracies are measured on: 'validation' (default; choose settings there) or 'test'. Prints one line
 per subset and setting: each task's and each foundation member's accuracy.
@@ -30,7 +31,6 @@ def main(workdir: str, subsets: str, settings: str, split: str = "validation") -
   cfg.data.eval_split = split
   run_router = cfg.router.to_dict()
   run = stream.open_run(cfg, workdir, eval_only=True)
-  null = stream.null_prototypes(run)  # built (or loaded) once
   adapters = {task: store.load_adapter(f"{workdir}/adapters/{task}")[:2] for task in cfg.tasks}
   for subset in [tuple(s.split(",")) for s in subsets.split(";")]:
     experts = lora.stack([adapters[t][0] for t in subset])
@@ -42,9 +42,12 @@ def main(workdir: str, subsets: str, settings: str, split: str = "validation") -
                         calibrate=setting.get("cal", run_router["calibrate"]),
                         level=setting.get("level", run_router.get("level", "token")),
                         candidates=setting.get("cand", run_router.get("candidates", 2)),
-                        pooling=setting.get("pool", run_router.get("pooling", "mean")))
+                        pooling=setting.get("pool", run_router.get("pooling", "mean")),
+                        kind=setting.get("kind", run_router["kind"]),
+                        identify_layers=setting.get("layers", run_router.get("identify_layers", 4)),
+                        identify_shrinkage=setting.get("shrink", run_router.get("identify_shrinkage", 0.1)))
       router = routers.from_config(cfg.router, len(subset))
-      tree = lora.merge_trees(vectors, null) if "null_v" in router.reads() else vectors
+      tree = lora.merge_trees(vectors, stream.data_leaves(run, router, subset))  # made once, then loaded
       row = stream.evaluate_row(run, router, {"experts": experts, "router": tree}, columns)
       print(f"{'+'.join(subset)} {json.dumps(setting)}: " + ", ".join(f"{c} {v:.3f}" for c, v in zip(columns, row)),
             flush=True)

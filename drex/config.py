@@ -72,10 +72,11 @@ def stream_config() -> ml_collections.ConfigDict:
   c.router_training.warmup_steps = 6  # ~6% warmup
   c.router_training.weight_decay = 0.0  # no decay on routing vectors
 
-  # The router of the 'routing' method at inference: `kind` (a drex.adapters.routers kind: 'topk' PHATGOOSE,
-  # 'arrow' training-free, 'dense' uniform merge) and every registered router's options, each with its
-  # comment in its class's OPTIONS (k: experts per token, temperature, null_expert, null_sample, calibrate).
-  c.router = routers.config_defaults("topk")  # kind + the registered routers' options (comments in their OPTIONS)
+  # The router of the 'routing' method at inference: `kind` (a drex.adapters.routers kind: 'identify' one expert
+  # or the base per sequence, from each task's own prompt statistics, chosen on the validation split
+  # (routing_levels_cpu.md); 'topk' PHATGOOSE over the trained routing vectors; 'arrow' training-free; 'dense'
+  # uniform merge) and every registered router's options, each with its comment in its class's OPTIONS.
+  c.router = routers.config_defaults("identify")  # kind + the registered routers' options
 
   c.mtl = ml_collections.ConfigDict()
   c.mtl.steps = 0  # steps on the union of all tasks (0 = tasks x expert_training.steps)
@@ -116,8 +117,9 @@ def internvl2_stream(size: str, eval_batch_size: int, fsdp: bool) -> ml_collecti
   c.data.batch_size = 16  # total batch 16 in the recipe
   c.data.eval_batch_size = eval_batch_size  # prompts per generation batch
   c.data.max_tiles = 7  # 6 tiles + thumbnail, as InternVL's fine-tuning scripts (max_dynamic_patch 6)
+  c.router.kind = "topk"  # PHATGOOSE over the trained routing vectors, as the paper
   c.router.temperature = 1.0  # PHATGOOSE
-  c.router.level = "token"  # PHATGOOSE, as the paper (the embedded default's hybrid level is not measured here)
+  c.router.level = "token"  # PHATGOOSE, as the paper (the embedded default's identification is not measured here)
   if fsdp:
     c.mesh = (1, -1, 1)  # FSDP over every device: the bf16 base is sharded, not replicated
   return c

@@ -153,6 +153,7 @@ def _mean_gates_fn(model: VLM, mesh: jax.sharding.Mesh):
   """Jitted once per (model, mesh): {adapted linear path: mean gates [E]} of a batch, replicated."""
 
   def mean_gates(variables, px, ids, mask):
+    variables = model.linear.prepare(model, variables, px, ids, mask)
     _, state = model.apply(variables, *model_inputs(px, ids, mask), mutable=["intermediates"])
     weight = mask.astype(jnp.float32)[..., None]
     flat = flax.traverse_util.flatten_dict(state["intermediates"])

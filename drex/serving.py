@@ -25,12 +25,12 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from drex.adapters import lora, routers
+from drex import workdir as workdir_lib
+from drex.adapters import lora, prototypes, routers
 from drex.data import images, record
 from drex.errors import UserError
 from drex.models.generation import jitted_greedy_generate
 from drex.task_data import round_up
-from drex.workdir import load_routed
 
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this many tokens (drex.generate.ask too)
@@ -81,6 +81,9 @@ class Selecting(routers.Router):
   def reads(self):
     return self.inner.reads() + ("allowed", "fixed", "use_fixed")
 
+  def prepare(self, model, variables, pixel_values, input_ids, attention_mask):
+    return self.inner.prepare(model, variables, pixel_values, input_ids, attention_mask)
+
   def choose(self, x, token_mask, num_experts, variables, experts):
     chosen = self.inner.choose(x, token_mask, num_experts, variables, experts)
     fixed = jnp.pad(variables["fixed"], ((0, 0), (0, chosen.shape[-1] - num_experts)))
@@ -104,7 +107,7 @@ class Server:
   def __init__(self, workdir: str, batch_size: int = 16, max_new_tokens: int = 0):
     """max_new_tokens: the answer length of requests that give none (0: the run's data.max_new_tokens)."""
     self.workdir, self.batch_size = workdir, batch_size
-    self.base, variables, self.cfg, self.tasks = load_routed(workdir)
+    self.base, variables, self.cfg, self.tasks = workdir_lib.load_routed(workdir)
     self.max_new_tokens = max_new_tokens or self.cfg.data.max_new_tokens
     self.experts, self.vectors = variables["experts"], variables["router"]
     self.router = routers.from_config(self.cfg.router, len(self.tasks))
@@ -112,6 +115,11 @@ class Server:
     self.model = self.base.model(lora.AdapterSpec(Selecting(self.router), c.lora_alpha, c.rslora, c.kernel))
     self.encoder = self.base.encoder(self.cfg.data.max_tiles)  # the tiling the run trained and evaluated with
     self.paths = sorted({path[:-1] for path in flax.traverse_util.flatten_dict(self.vectors)})
+    self.identification: dict[str, dict] = {}  # class name -> its statistics (router 'identify')
+    if "id_w" in self.router.reads():
+      names = workdir_lib.identification_classes(self.cfg, self.tasks)
+      self.identification = dict(zip(names, workdir_lib.identification_moments(workdir, self.cfg, names)))
+    self._discriminants: dict[tuple[str, ...], dict] = {}
 
   # -- one request
   def selection(self, request: Request) -> tuple[list[str], np.ndarray, np.ndarray, float]:
@@ -157,6 +165,24 @@ class Server:
             "max_new_tokens": limit, "experts": used}
 
   # -- batches
+  def discriminants(self, tasks: tuple[str, ...]) -> dict[tuple[str, ...], dict[str, np.ndarray]]:
+    """Router 'identify' among `tasks` and the base, as drex.evaluate identifies in a stream of those tasks
+    alone (the shared covariance of their classes), laid out over all the workdir's experts: {path: {'id_w'
+    [E + K, d_in], 'id_b' [E + K, 1]}}; rows of experts outside `tasks` are zero (the request's `allowed`
+    excludes them)."""
+    if tasks not in self._discriminants:
+      names = workdir_lib.identification_classes(self.cfg, tasks)
+      full = workdir_lib.identification_classes(self.cfg, self.tasks)
+      rows = [self.tasks.index(n) if n in self.tasks else full.index(n) for n in names]
+      made = prototypes.discriminants([self.identification[n] for n in names], self.cfg.router.identify_shrinkage)
+      laid = {}
+      for path, leaves in made.items():
+        for key, value in leaves.items():
+          laid.setdefault(tuple(path.split("/")), {})[key] = np.zeros((len(full),) + value.shape[1:], np.float32)
+          laid[tuple(path.split("/"))][key][rows] = value
+      self._discriminants[tasks] = laid
+    return self._discriminants[tasks]
+
   def _variables(self, rows: list[dict]) -> dict:
     per_sequence = {"allowed": np.stack([r["allowed"] for r in rows]), "fixed": np.stack([r["fixed"] for r in rows]),
                     "use_fixed": np.asarray([[r["use_fixed"]] for r in rows], np.float32)}
@@ -164,6 +190,11 @@ class Server:
     for path in self.paths:
       for name, value in per_sequence.items():
         flat[path + (name,)] = value
+    if self.identification:  # each request identifies among its own selection (all tasks by default)
+      chosen = [self.discriminants(tuple(r["experts"]) if r["experts"] else tuple(self.tasks)) for r in rows]
+      for path in chosen[0]:
+        for name in ("id_w", "id_b"):
+          flat[path + (name,)] = np.stack([c[path][name] for c in chosen])
     return {"params": self.base.params, "experts": self.experts, "router": flax.traverse_util.unflatten_dict(flat)}
 
   def _answer(self, rows: list[dict]) -> list[str]:

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -300,6 +300,38 @@ def null_prototypes(run: Run) -> Any:
   return tree
 
 
+def identification_statistics(run: Run, name: str) -> None:
+  """Make (once) a class's identification statistics: the pooled_moments of the identifying linears' inputs
+  over its own prompts (a task's training prompts; a foundation member's, as for the null expert)."""
+  directory = workdir_lib.identification_dir(run.workdir, run.cfg, name)
+  if store.isdir(directory):
+    return
+  sample = ((run.data.train[name], run.data.encoders[name], run.data.train_prompt_len[name]) if name in run.data.train
+            else _foundation_sample(run, name))
+  linears = prototypes.by_path(run.expert_shapes(), "lora_a")
+  paths = prototypes.identifying_paths(linears, run.base.model().config.llm.num_layers,
+                                       run.cfg.router.identify_layers)
+  if not paths:
+    raise UserError(f"router 'identify' reads the inputs of q_proj, which config.lora.target_modules "
+                    f"{tuple(run.cfg.lora.target_modules)} does not adapt; add 'q_proj'")
+  variables = run.place({"params": None, "experts": run.new_expert("base")})  # B = 0: the base's inputs
+  moments = prototypes.pooled_moments(run.model(), variables, _sample_batches(run, *sample), run.parallel, paths)
+  store.save_tree(directory, prototypes.nest(moments))  # a cache of what the base and the data determine
+
+
+def data_leaves(run: Run, router: routers.Router, tasks: Sequence[str]) -> dict:
+  """The router leaves made from data that `router` reads, over these tasks' experts: the null-expert
+  prototypes, the identification discriminants ({} when it reads neither)."""
+  trees = []
+  if "null_v" in router.reads():
+    trees.append(null_prototypes(run))
+  if "id_w" in router.reads():
+    for name in workdir_lib.identification_classes(run.cfg, tasks):
+      identification_statistics(run, name)
+    trees.append(workdir_lib.identification_tree(run.workdir, run.cfg, tasks))
+  return lora.merge_trees(*trees)
+
+
 def _rename_leaves(tree: dict, old: str, new: str) -> dict:
   flat = flax.traverse_util.flatten_dict(tree)
   return flax.traverse_util.unflatten_dict({(p[:-1] + (new,) if p[-1] == old else p): v for p, v in flat.items()})
@@ -365,7 +397,6 @@ def learn_routing(run: Run, base_row: Row) -> tuple[dict, dict]:
   cfg = run.cfg
   expected = run.expert_shapes()
   experts, vectors, rows, oracle, seconds = [], [], [base_row], {}, []
-  null = null_prototypes(run) if "null_v" in routers.from_config(cfg.router, 1).reads() else None
   for i, task in enumerate(cfg.tasks):
     begin = time.time()
 
@@ -385,9 +416,7 @@ def learn_routing(run: Run, base_row: Row) -> tuple[dict, dict]:
     with run.timed("routing/eval"):
       oracle[task] = evaluate_row(run, routers.Single(0), {"experts": ex}, [task])[0]
       router = routers.from_config(cfg.router, len(experts))
-      router_tree = lora.stack(vectors)
-      if null is not None:
-        router_tree = lora.merge_trees(router_tree, null)
+      router_tree = lora.merge_trees(lora.stack(vectors), data_leaves(run, router, cfg.tasks[:i + 1]))
       variables = {"experts": lora.stack(experts), "router": router_tree}
       rows.append(evaluate_row(run, router, variables))
     _log_row(run, "routing", i + 1, rows[-1])

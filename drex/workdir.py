@@ -6,6 +6,8 @@
   baselines/sequential/<i>_<task>/, baselines/mtl/   the baselines' LoRAs
   null_expert/<suite>-n<sample>/ prototypes of the base as a zero-output expert (router option null_expert), one
                                  per foundation suite and router.null_sample (a cache of what base and data make)
+  identification/<name>-n<sample>-l<layers>/   statistics of one task's (or foundation member's) prompts for the
+                                 router `identify` (a cache of what base and data make)
   state/<stage>/                 resume points of the stage in progress (removed once committed)
   results.json, report.md, plots/, tensorboard/
 
@@ -20,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -138,6 +140,39 @@ def null_expert_dir(workdir: str, cfg: ml_collections.ConfigDict) -> str:
   return os.path.join(workdir, "null_expert", f"{'+'.join(cfg.foundation)}-n{routing_sample_size(cfg)}")
 
 
+def identification_dir(workdir: str, cfg: ml_collections.ConfigDict, name: str) -> str:
+  """Where a class's identification statistics (router `identify`) are kept: one per task or foundation member,
+  sample size and number of identifying layers (a cache of what base and data make)."""
+  return os.path.join(workdir, "identification",
+                      f"{name}-n{routing_sample_size(cfg)}-l{cfg.router.identify_layers}")
+
+
+def identification_classes(cfg: ml_collections.ConfigDict, tasks: Sequence[str]) -> list[str]:
+  """The identify router's classes: the tasks in order (their experts), then the foundation members that are
+  not tasks (the base)."""
+  return list(tasks) + [f for f in cfg.foundation if f not in tasks]
+
+
+def identification_moments(workdir: str, cfg: ml_collections.ConfigDict, names: Sequence[str]) -> list[dict]:
+  """The kept identification statistics of each class in `names` ({path: pooled moments}, in order)."""
+  from drex.adapters import prototypes  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in names:
+    directory = identification_dir(workdir, cfg, name)
+    if not store.isdir(directory):
+      raise UserError(f"identification statistics not found: {directory}; make them with python -m drex.evaluate "
+                      f"--workdir={workdir} --config.router.kind=identify")
+    out.append(prototypes.unnest(store.load_tree(directory, None, "identification statistics")))
+  return out
+
+
+def identification_tree(workdir: str, cfg: ml_collections.ConfigDict, tasks: Sequence[str]) -> dict:
+  """The identify router's `id_w`/`id_b` over `tasks` and the base, from the statistics kept in the workdir."""
+  from drex.adapters import prototypes  # pylint: disable=g-import-not-at-top
+  classes = identification_moments(workdir, cfg, identification_classes(cfg, tasks))
+  return prototypes.nest(prototypes.discriminants(classes, cfg.router.identify_shrinkage))
+
+
 def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.ConfigDict, list[str]]:
   """A finished workdir's base, variables ({'params', 'experts': all tasks' stacked in stream order, 'router':
   their routing vectors, + the null-expert prototypes when its router uses them}), run config and task names."""
@@ -160,4 +195,6 @@ def load_routed(workdir: str) -> tuple[base_lib.Base, dict, ml_collections.Confi
       raise UserError(f"null-expert prototypes not found: {directory}; make them with python -m drex.evaluate "
                       f"--workdir={workdir} --config.router.null_expert=true")
     router = lora.merge_trees(router, store.load_tree(directory, None, "null-expert prototypes"))
+  if "id_w" in routers.from_config(cfg.router, 1).reads():
+    router = lora.merge_trees(router, identification_tree(workdir, cfg, cfg.tasks))
   return base, {"params": base.params, "experts": lora.stack(experts), "router": router}, cfg, list(cfg.tasks)

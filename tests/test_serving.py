@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from drex import config as config_lib
+from drex import workdir as workdir_lib
 from drex.adapters import lora, routers
 from drex.checkpoints import store
 from drex.cli import load_config_file
@@ -70,6 +71,9 @@ def _reference(path, request: Request, router, expert_names) -> str:
   if expert_names:
     loaded = [store.load_adapter(os.path.join(path, "adapters", t)) for t in expert_names]
     variables.update(experts=lora.stack([e for e, _, _ in loaded]), router=lora.stack([r for _, r, _ in loaded]))
+    if "id_w" in router.reads():  # identification among these tasks and the base, as in a stream of them alone
+      variables["router"] = lora.merge_trees(variables["router"],
+                                             workdir_lib.identification_tree(path, cfg, expert_names))
   model = base.model(lora.AdapterSpec(router, cfg.lora.lora_alpha, cfg.lora.rslora, cfg.lora.kernel))
   tokens = jitted_greedy_generate(model, variables, pixels[None], np.asarray([prompt], np.int32),
                                   np.ones((1, len(prompt)), np.int32), request.max_new_tokens,

@@ -8,6 +8,12 @@
   over the tokens of the data u stands for (its task's inputs; its foundation member's inputs);
   the calibrated score (s_u(x) - mean_u) / std_u says how typical x is of u's own data.
 
+* Task identification (router `identify`) scores each prompt's mean standardized input with linear
+  discriminants: each class (a task; a foundation-suite member for the base) contributes the sufficient
+  statistics of its own prompts only (`pooled_moments`: count, sum, sum of outer products), and
+  `discriminants` combines them into w_c = S^-1 mu_c, b_c = -mu_c . w_c / 2 with S the class covariances'
+  mean shrunk towards its mean variance (Ledoit-Wolf style).
+
 All statistics are over real prompt tokens of base-model activations (experts with B = 0).
 """
 
@@ -20,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drex.adapters.routers import standardize
+from drex.adapters.routers import Identify, pooled_standardized, standardize
 from drex.models.vlm import VLM, model_inputs
 from drex.parallel import Parallel
 
@@ -83,6 +89,80 @@ def by_path(tree: dict, leaf: str) -> dict[str, Any]:
   return {"/".join(p[:-1]): v for p, v in flax.traverse_util.flatten_dict(tree).items() if p[-1] == leaf}
 
 
+def nest(per_path: dict[str, dict[str, Any]]) -> dict:
+  """{'a/b': {leaf: array}} -> {'a': {'b': {leaf: array}}}."""
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")) + (leaf,): v
+                                            for k, leaves in per_path.items() for leaf, v in leaves.items()})
+
+
+def unnest(tree: dict) -> dict[str, dict[str, Any]]:
+  """Inverse of nest."""
+  out: dict[str, dict[str, Any]] = {}
+  for p, v in flax.traverse_util.flatten_dict(tree).items():
+    out.setdefault("/".join(p[:-1]), {})[p[-1]] = v
+  return out
+
+
 def stats_array(moments: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """path -> [N, 2] (score mean, score std)."""
   return {k: np.stack([m["score_mean"], m["score_std"]], -1) for k, m in moments.items()}
+
+
+def identifying_paths(linear_paths: Iterable[str], num_layers: int, count: int) -> list[str]:
+  """The adapted `q_proj` paths of `count` decoder layers spread evenly over the depth (first and last
+  included) among linear_paths ('language_model/layers_3/self_attn/q_proj', ...)."""
+  layers = sorted({int(round(i)) for i in np.linspace(0, num_layers - 1, min(count, num_layers))})
+  wanted = {f"layers_{i}" for i in layers}
+  return sorted(p for p in linear_paths
+                if p.endswith("/" + Identify.IDENTIFYING_MODULE) and wanted & set(p.split("/")))
+
+
+def pooled_moments(model: VLM, variables: dict, batches: Iterable[dict], parallel: Parallel,
+                   paths: list[str]) -> dict[str, dict[str, np.ndarray]]:
+  """Per path: {'count': [], 'sum': [d_in], 'outer': [d_in, d_in]} of the prompts' mean standardized inputs
+  (float64; `variables` must hold an experts tree, whose linears sow their inputs)."""
+
+  def sums(variables, px, ids, mask):
+    _, st = model.apply(variables, *model_inputs(px, ids, mask), mutable=["intermediates"])
+    flat = {"/".join(p[:-1]): v[0] for p, v in flax.traverse_util.flatten_dict(st["intermediates"]).items()
+            if p[-1] == "inputs"}
+    keep = (mask.sum(1) > 0).astype(jnp.float32)[:, None]
+    out = {}
+    for path in paths:
+      pooled = pooled_standardized(flat[path], mask) * keep
+      out[path] = {"count": keep.sum(), "sum": pooled.sum(0), "outer": pooled.T @ pooled}
+    return out
+
+  compiled = jax.jit(sums, out_shardings=parallel.sharding(()))
+  total: dict[str, dict[str, np.ndarray]] = {}
+  for b in batches:
+    mask = b["attention_mask"] * b["valid"][:, None]
+    g = parallel.global_batch({"pixel_values": b["pixel_values"], "input_ids": b["input_ids"], "attention_mask": mask})
+    with parallel.context():
+      s = compiled(variables, g["pixel_values"], g["input_ids"], g["attention_mask"])
+    for path, entry in s.items():
+      acc = total.setdefault(path, {})
+      for name, value in entry.items():
+        acc[name] = acc.get(name, 0.0) + np.asarray(value, np.float64)
+  return total
+
+
+def discriminants(classes: list[dict[str, dict[str, np.ndarray]]], shrinkage: float) -> dict[str, dict[str, np.ndarray]]:
+  """Per path: {'id_w': [C, d_in], 'id_b': [C, 1]} (float32) of the C classes' pooled_moments, in order."""
+  out = {}
+  for path in classes[0]:
+    means, covariances = [], []
+    for moments in classes:
+      m = moments[path]
+      if m["count"] < 2:
+        raise ValueError(f"identification statistics of {path} need at least 2 prompts per class, got {m['count']}")
+      mean = m["sum"] / m["count"]
+      means.append(mean)
+      covariances.append(m["outer"] / m["count"] - np.outer(mean, mean))
+    shared = np.mean(covariances, 0)
+    d = shared.shape[0]
+    shared = (1.0 - shrinkage) * shared + shrinkage * np.trace(shared) / d * np.eye(d)
+    mu = np.stack(means)  # [C, d]
+    w = np.linalg.solve(shared, mu.T).T
+    out[path] = {"id_w": w.astype(np.float32), "id_b": (-0.5 * (w * mu).sum(1, keepdims=True)).astype(np.float32)}
+  return out

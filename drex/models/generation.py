@@ -26,6 +26,7 @@ def greedy_generate(model: VLM, variables: dict, pixel_values: jax.Array | None,
     [B, max_new_tokens] int32 generated tokens.
   """
   b, l = input_ids.shape
+  variables = model.linear.prepare(model, variables, pixel_values, input_ids, attention_mask)
   cache = init_cache(model.config.llm, b, l + max_new_tokens, dtype_of(model.config.dtype))
   positions = prompt_positions(attention_mask)
   kv_mask = jnp.zeros((b, l + max_new_tokens), bool).at[:, :l].set(attention_mask.astype(bool))

@@ -73,6 +73,13 @@ class LinearFactory:
                name: str) -> nn.Module:
     return Linear(features, axes, use_bias, dtype, param_dtype, name=name)
 
+  def prepare(self, model: nn.Module, variables: dict, pixel_values, input_ids, attention_mask) -> dict:
+    """The variables of a forward pass over these prompts (left-padded [B, L] ids and mask), with whatever the
+    linears need made from the prompts first (a router that identifies each prompt's task adds its choice).
+    Nothing to make here."""
+    del model, pixel_values, input_ids, attention_mask
+    return variables
+
 
 def layer_norm(eps: float, param_dtype: Dtype, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
   """LayerNorm with affine scale/bias, float32 statistics, logical axis 'norm'."""

@@ -1,7 +1,9 @@
 """Summarize finished drex.train workdirs as one ablation report: per stream and method the final accuracies
 against each task's oracle, MFN, BWT, the foundation change and seconds per task; with the paper's token-level
 PHATGOOSE router beside drex's default wherever the workdir holds its evaluation (`drex.evaluate
---config.router.level=token --config.router.temperature=1` writes WORKDIR/evaluation.json).
+--config.router.kind=topk --config.router.level=token --config.router.temperature=1` writes
+WORKDIR/evaluation.json), and the topk hybrid router's results where a copy of them is kept as
+WORKDIR/results_hybrid.json (drex's default before the identify router).
 
   PYTHONPATH=. python3 benchmarks/stream_report.py "task10 (order 0)=runs/task10_o0" ... > benchmarks/results/x.md
 """
@@ -31,8 +33,13 @@ def report(streams: list[tuple[str, str]]) -> str:
       results = json.load(f)
     tasks, oracle = results["tasks"], results["oracle"]
     for method, entry in results["methods"].items():
-      label = {"routing": "routing (drex default)"}.get(method, method)
+      label = {"routing": f"routing (drex default: {results['config']['router']['kind']})"}.get(method, method)
       lines.append(_row(name, label, entry, oracle, tasks, entry.get("seconds_per_task")))
+    hybrid = os.path.join(workdir, "results_hybrid.json")
+    if os.path.exists(hybrid):
+      with open(hybrid) as f:
+        entry = json.load(f)["methods"]["routing"]
+      lines.append(_row(name, "routing (topk hybrid, k=2 of 2 candidates, T=2)", entry, oracle, tasks))
     paper = os.path.join(workdir, "evaluation.json")
     if os.path.exists(paper):
       with open(paper) as f:

@@ -1,9 +1,9 @@
 """Re-evaluate a finished drex.train workdir from what is on disk (base + adapters), without training.
 
   python -m drex.evaluate --workdir=runs/task3
-  python -m drex.evaluate --workdir=runs/task3 --config.router.k=1 --config.router.calibrate=true   # other routing
   python -m drex.evaluate --workdir=runs/task3 --config.router.kind=arrow --config.data.eval_split=validation
-  python -m drex.evaluate --workdir=runs/task3 --config.router.level=token --config.router.temperature=1  # the paper's
+  python -m drex.evaluate --workdir=runs/task3 --config.router.kind=topk --config.router.level=token \
+      --config.router.temperature=1   # the paper's PHATGOOSE router
 
 Any field of the run's config can be overridden with --config.<field>=<value> (a router kind's options are
 fields of config.router: drex.adapters.routers); fields that change what was trained are refused, since the

@@ -18,7 +18,7 @@ from drex.data import metrics
 from drex.data import pipeline
 from drex.data import record as record_lib
 from drex.models.generation import jitted_greedy_generate
-from drex.models.vlm import VLM, model_inputs
+from drex.models.vlm import VLM, model_inputs, prepared
 from drex.parallel import Parallel
 
 
@@ -153,8 +153,9 @@ def _mean_gates_fn(model: VLM, mesh: jax.sharding.Mesh):
   """Jitted once per (model, mesh): {adapted linear path: mean gates [E]} of a batch, replicated."""
 
   def mean_gates(variables, px, ids, mask):
-    variables = model.linear.prepare(model, variables, px, ids, mask)
-    _, state = model.apply(variables, *model_inputs(px, ids, mask), mutable=["intermediates"])
+    variables, embeds = prepared(model, variables, px, ids, mask)
+    positions, kv_mask = model_inputs(px, ids, mask)[2:]
+    _, state = model.apply(variables, embeds, positions, kv_mask, method="decode", mutable=["intermediates"])
     weight = mask.astype(jnp.float32)[..., None]
     flat = flax.traverse_util.flatten_dict(state["intermediates"])
     return {"/".join(k): (v[0] * weight).sum((0, 1)) / weight.sum() for k, v in flat.items() if k[-1] == "gates"}

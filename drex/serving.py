@@ -81,8 +81,8 @@ class Selecting(routers.Router):
   def reads(self):
     return self.inner.reads() + ("allowed", "fixed", "use_fixed")
 
-  def prepare(self, model, variables, pixel_values, input_ids, attention_mask):
-    return self.inner.prepare(model, variables, pixel_values, input_ids, attention_mask)
+  def prepare(self, model, variables, embeds, positions, kv_mask):
+    return self.inner.prepare(model, variables, embeds, positions, kv_mask)
 
   def choose(self, x, token_mask, num_experts, variables, experts):
     chosen = self.inner.choose(x, token_mask, num_experts, variables, experts)

@@ -309,8 +309,7 @@ def identification_statistics(run: Run, name: str) -> None:
   sample = ((run.data.train[name], run.data.encoders[name], run.data.train_prompt_len[name]) if name in run.data.train
             else _foundation_sample(run, name))
   linears = prototypes.by_path(run.expert_shapes(), "lora_a")
-  paths = prototypes.identifying_paths(linears, run.base.model().config.llm.num_layers,
-                                       run.cfg.router.identify_layers)
+  paths = prototypes.identifying_paths(linears, run.cfg.router.identify_layers)
   if not paths:
     raise UserError(f"router 'identify' reads the inputs of q_proj, which config.lora.target_modules "
                     f"{tuple(run.cfg.lora.target_modules)} does not adapt; add 'q_proj'")

@@ -45,17 +45,18 @@ def test_discriminants_are_the_shared_covariance_gaussian_rule():
   assert hits / (3 * n) > 1 / 3 + 0.2
 
 
-def test_identifying_paths_spread_over_the_depth():
+def test_identifying_paths_are_the_first_layers_q_proj():
   paths = [f"language_model/layers_{i}/self_attn/{m}" for i in range(24) for m in ("q_proj", "k_proj")]
-  chosen = prototypes.identifying_paths(paths, 24, 4)
-  assert chosen == sorted(f"language_model/layers_{i}/self_attn/q_proj" for i in (0, 8, 15, 23))
-  assert len(prototypes.identifying_paths(paths, 24, 100)) == 24
-  assert prototypes.identifying_paths([p for p in paths if "k_proj" in p], 24, 4) == []
+  chosen = prototypes.identifying_paths(paths, 3)
+  assert chosen == sorted(f"language_model/layers_{i}/self_attn/q_proj" for i in (0, 1, 2))
+  assert len(prototypes.identifying_paths(paths, 100)) == 24
+  assert prototypes.identifying_paths([p for p in paths if "k_proj" in p], 3) == []
 
 
-@pytest.fixture(scope="module")
-def identified_micro():
-  """A micro VLM with 3 experts and random discriminants for 3 experts + 2 base classes at every q_proj."""
+@pytest.fixture(scope="module", params=[1, 2])
+def identified_micro(request):
+  """A micro VLM (2 layers) with 3 experts and random discriminants for 3 experts + 2 base classes at the q_proj
+  of its first 1 or 2 layers (the identifying pass runs only those)."""
   cfg, params, _ = testing.micro_model()
   e0 = testing.random_like(lora.init_experts(params, 3, lora.ALL_TARGETS, jax.random.key(1)), seed=3, scale=0.3)
   experts = lora.stack([e0, testing.random_like(e0, seed=4, scale=0.3), testing.random_like(e0, seed=5, scale=0.3)])
@@ -63,14 +64,14 @@ def identified_micro():
   rng = np.random.default_rng(7)
   leaves = {p: {"id_w": rng.normal(size=(5, a.shape[1])).astype(np.float32),
                 "id_b": rng.normal(size=(5, 1)).astype(np.float32)}
-            for p, a in linears.items() if p.endswith("q_proj")}
+            for p, a in linears.items() if p in prototypes.identifying_paths(linears, request.param)}
   router = lora.merge_trees(lora.init_router(experts), prototypes.nest(leaves))
   return cfg, {"params": params, "experts": experts, "router": router}, leaves
 
 
 def _expected_classes(model, variables, leaves, batch):
   """The classes the discriminants give, computed here from the base's q_proj inputs."""
-  _, st = model.apply({"params": variables["params"]},
+  _, st = model.apply({"params": variables["params"]},  # a whole pass: the same inputs as a truncated one
                       *vlm.model_inputs(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]),
                       mutable=["intermediates"])
   inputs = {"/".join(p[:-1]): np.asarray(v[0], np.float64)
@@ -119,8 +120,8 @@ def test_a_restriction_to_some_experts_is_honoured(identified_micro):
   router = jax.tree_util.tree_map(lambda x: x, variables["router"])
   flat = flax.traverse_util.flatten_dict(router)
   flat.update({p[:-1] + ("allowed",): jnp.asarray(allowed) for p in list(flat) if p[-1] == "v"})
-  prepared = routers.Identify().prepare(model, {**variables, "router": flax.traverse_util.unflatten_dict(flat)},
-                                        b["pixel_values"], b["input_ids"], b["attention_mask"])
+  prepared, _ = vlm.prepared(model, {**variables, "router": flax.traverse_util.unflatten_dict(flat)},
+                             b["pixel_values"], b["input_ids"], b["attention_mask"])
   identified = next(v for p, v in flax.traverse_util.flatten_dict(prepared["router"]).items()
                     if p[-1] == "identified")
   masked = np.where(np.pad(allowed, ((0, 0), (0, 2)), constant_values=1) > 0, scores, -np.inf)

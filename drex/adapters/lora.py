@@ -47,8 +47,8 @@ class AdapterSpec(LinearFactory):
   def scale(self, rank: int) -> float:
     return self.lora_alpha / (math.sqrt(rank) if self.rslora else rank)
 
-  def prepare(self, model, variables, pixel_values, input_ids, attention_mask):
-    return self.router.prepare(model, variables, pixel_values, input_ids, attention_mask)
+  def prepare(self, model, variables, embeds, positions, kv_mask):
+    return self.router.prepare(model, variables, embeds, positions, kv_mask)
 
   def __call__(self, features, axes, use_bias, dtype, param_dtype, name):
     return AdaptedLinear(features, axes, use_bias, dtype, param_dtype, spec=self, name=name)

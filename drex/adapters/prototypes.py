@@ -108,11 +108,10 @@ def stats_array(moments: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarr
   return {k: np.stack([m["score_mean"], m["score_std"]], -1) for k, m in moments.items()}
 
 
-def identifying_paths(linear_paths: Iterable[str], num_layers: int, count: int) -> list[str]:
-  """The adapted `q_proj` paths of `count` decoder layers spread evenly over the depth (first and last
-  included) among linear_paths ('language_model/layers_3/self_attn/q_proj', ...)."""
-  layers = sorted({int(round(i)) for i in np.linspace(0, num_layers - 1, min(count, num_layers))})
-  wanted = {f"layers_{i}" for i in layers}
+def identifying_paths(linear_paths: Iterable[str], count: int) -> list[str]:
+  """The adapted `q_proj` paths of the first `count` decoder layers among linear_paths
+  ('language_model/layers_3/self_attn/q_proj', ...)."""
+  wanted = {f"layers_{i}" for i in range(count)}
   return sorted(p for p in linear_paths
                 if p.endswith("/" + Identify.IDENTIFYING_MODULE) and wanted & set(p.split("/")))
 

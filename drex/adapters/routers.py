@@ -29,7 +29,7 @@ Kinds:
   top-k, softmax.
 * `dense(weights)`: fixed mixture weights for every token (from the config: a uniform merge).
 * `identify`: task identification, one expert (or the base) per sequence. Before the pass, the prompts go
-  once through the base; at the `q_proj` inputs of `identify_layers` decoder layers each prompt's mean
+  through the base's first `identify_layers` decoder layers; at their `q_proj` inputs each prompt's mean
   standardized token is scored by each class's linear discriminant (`id_w`, `id_b`: a class is a task, or a
   foundation-suite member standing for the base; class means and a shared covariance, each class's
   statistics from its own prompts only, drex.adapters.prototypes); the best class summed over the layers
@@ -91,11 +91,12 @@ class Router:
     """The `router` leaves this router needs."""
     return ()
 
-  def prepare(self, model: Any, variables: dict, pixel_values: jax.Array | None, input_ids: jax.Array,
-              attention_mask: jax.Array) -> dict:
-    """The variables ({'params', 'experts', 'router'}) of a forward pass over these left-padded prompts, with
-    what this router makes from the prompts before the pass (drex.models.layers.LinearFactory.prepare)."""
-    del model, pixel_values, input_ids, attention_mask
+  def prepare(self, model: Any, variables: dict, embeds: jax.Array, positions: jax.Array,
+              kv_mask: jax.Array) -> dict:
+    """The variables ({'params', 'experts', 'router'}) of a pass over these prompts (embeddings [B, L, d],
+    positions, kv_mask [B, L]: real tokens), with what this router makes from them before the pass
+    (drex.models.layers.LinearFactory.prepare; drex.models.vlm.prepared)."""
+    del model, embeds, positions, kv_mask
     return variables
 
   @property
@@ -475,6 +476,11 @@ class Dense(Router):
     return cls((1.0 / num_experts,) * num_experts)
 
 
+def _layer_index(path: tuple[str, ...]) -> int:
+  """The decoder layer of a linear's path ('language_model', 'layers_3', ...) -> 3."""
+  return next(int(part[len("layers_"):]) for part in path if part.startswith("layers_"))
+
+
 def pooled_standardized(x: jax.Array, token_mask: jax.Array | None) -> jax.Array:
   """Each sequence's mean standardized input over its real tokens: x [B, L, d_in], token_mask [B, L] -> [B, d_in]."""
   weight = jnp.ones(x.shape[:2], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
@@ -496,31 +502,32 @@ class Identify(Router):
   LEAVES: ClassVar[dict[str, Leaf]] = {"id_w": Leaf(V.axes), "id_b": Leaf(STATS.axes),
                                        "identified": Leaf(lambda d_in: ("activation_batch", None))}
   OPTIONS: ClassVar[dict[str, tuple[Any, str]]] = {
-      "identify_layers": (4, "identify: decoder layers (spread over the depth, first and last included) whose "
-                             "q_proj inputs identify a prompt's task"),
+      "identify_layers": (2, "identify: the first decoder layers whose q_proj inputs identify a prompt's task "
+                             "(the identifying pass runs only these; validation split, routing_levels_cpu.md)"),
       "identify_shrinkage": (0.1, "identify: the shared covariance shrunk this far towards its mean variance "
                                   "(validation split, routing_levels_cpu.md)"),
   }
   IDENTIFYING_MODULE: ClassVar[str] = "q_proj"  # its input is each decoder layer's normalized residual stream
 
-  def prepare(self, model, variables, pixel_values, input_ids, attention_mask):
-    from drex.models.vlm import model_inputs  # pylint: disable=g-import-not-at-top  (models do not import routers)
-    _, state = model.apply({"params": variables["params"]}, *model_inputs(pixel_values, input_ids, attention_mask),
-                           mutable=["intermediates"])
+  def prepare(self, model, variables, embeds, positions, kv_mask):
+    leaves = flax.traverse_util.flatten_dict(variables["router"])
+    depth = 1 + max((_layer_index(p) for p in leaves if p[-1] == "id_w"), default=-1)
+    if not depth:
+      raise ValueError("router 'identify' needs the router variables 'id_w' and 'id_b', which are not loaded")
+    # The base's first `depth` layers over the prompts (what the identifying linears' inputs need, no more).
+    _, state = model.apply({"params": variables["params"]}, embeds, positions, kv_mask, depth=depth,
+                           method="decode", mutable=["intermediates"])
     inputs = {p[:-1]: v[0] for p, v in flax.traverse_util.flatten_dict(state["intermediates"]).items()
               if p[-1] == "inputs"}
-    leaves = flax.traverse_util.flatten_dict(variables["router"])
     num_experts = next(v.shape[0] for p, v in flax.traverse_util.flatten_dict(variables["experts"]).items())
     scores, allowed = 0.0, {}
     for path, w in leaves.items():
       if path[-1] == "id_w":
-        pooled = pooled_standardized(inputs[path[:-1]], attention_mask)
+        pooled = pooled_standardized(inputs[path[:-1]], kv_mask)
         bias = leaves[path[:-1] + ("id_b",)][..., 0]  # [C], or [B, C] per sequence (drex.serving's subsets)
         scores = scores + jnp.einsum("bd,...cd->bc", pooled, w.astype(jnp.float32)) + bias
       elif path[-1] == "allowed":
         allowed = {"allowed": w}
-    if isinstance(scores, float):
-      raise ValueError("router 'identify' needs the router variables 'id_w' and 'id_b', which are not loaded")
     scores = restrict(scores[:, None, :], allowed)[:, 0]  # a serving request's own selection of tasks
     identified = jax.nn.one_hot(jnp.argmax(scores, -1), scores.shape[-1], dtype=jnp.float32)[:, :num_experts]
     linears = {p[:-1] for p in leaves}

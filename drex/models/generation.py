@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from drex.models.layers import dtype_of
 from drex.models.llm import init_cache
-from drex.models.vlm import VLM, prompt_positions
+from drex.models.vlm import VLM, prepared, prompt_positions
 
 
 def greedy_generate(model: VLM, variables: dict, pixel_values: jax.Array | None, input_ids: jax.Array,
@@ -26,12 +26,12 @@ def greedy_generate(model: VLM, variables: dict, pixel_values: jax.Array | None,
     [B, max_new_tokens] int32 generated tokens.
   """
   b, l = input_ids.shape
-  variables = model.linear.prepare(model, variables, pixel_values, input_ids, attention_mask)
+  variables, embeds = prepared(model, variables, pixel_values, input_ids, attention_mask)
   cache = init_cache(model.config.llm, b, l + max_new_tokens, dtype_of(model.config.dtype))
   positions = prompt_positions(attention_mask)
   kv_mask = jnp.zeros((b, l + max_new_tokens), bool).at[:, :l].set(attention_mask.astype(bool))
   # The prompt's pass also keeps what a per-sequence router chose (`routing_state`): the decoded tokens reuse it.
-  (logits, cache), state = model.apply(variables, pixel_values, input_ids, positions, kv_mask, cache, 0,
+  (logits, cache), state = model.apply(variables, embeds, positions, kv_mask, cache, 0, method="decode",
                                        mutable=["routing_state"])
   variables = {**variables, **state}
   first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)

@@ -73,11 +73,11 @@ class LinearFactory:
                name: str) -> nn.Module:
     return Linear(features, axes, use_bias, dtype, param_dtype, name=name)
 
-  def prepare(self, model: nn.Module, variables: dict, pixel_values, input_ids, attention_mask) -> dict:
-    """The variables of a forward pass over these prompts (left-padded [B, L] ids and mask), with whatever the
-    linears need made from the prompts first (a router that identifies each prompt's task adds its choice).
-    Nothing to make here."""
-    del model, pixel_values, input_ids, attention_mask
+  def prepare(self, model: nn.Module, variables: dict, embeds, positions, kv_mask) -> dict:
+    """The variables of a pass over these prompts (embeddings [B, L, d], positions [B, L], kv_mask [B, L] bool:
+    the real tokens), with whatever the linears make from the prompts first (a router that identifies each
+    prompt's task adds its choice). Nothing to make here."""
+    del model, embeds, positions, kv_mask
     return variables
 
 

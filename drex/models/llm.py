@@ -129,10 +129,11 @@ class Decoder(nn.Module):
     """[B, L] int -> [B, L, d]."""
     return self.embed_tokens(input_ids)
 
-  def __call__(self, embeds, positions, kv_mask, cache: Cache | None = None, cache_index=0):
+  def __call__(self, embeds, positions, kv_mask, cache: Cache | None = None, cache_index=0, depth: int | None = None):
     """embeds: [B, L, d]; positions: [B, L]; kv_mask: [B, S] bool (S = L without a cache).
 
-    Returns (logits [B, L, vocab] float32, updated cache or None).
+    Returns (logits [B, L, vocab] float32, updated cache or None); with `depth`, only the first `depth` layers
+    run and (their output [B, L, d], None) is returned (a pass that reads early layers' inputs only).
     """
     cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope)
     x = nn.with_logical_constraint(embeds.astype(self.dtype),
@@ -140,11 +141,13 @@ class Decoder(nn.Module):
     b, l = embeds.shape[:2]
     query_mask = kv_mask if cache is None else jax.lax.dynamic_slice(kv_mask, (0, cache_index), (b, l))
     new_cache = {} if cache is not None else None
-    for i, layer in enumerate(self.layers):
+    for i, layer in enumerate(self.layers[:depth]):
       name = f"layers_{i}"
       x, layer_cache = layer(x, cos, sin, kv_mask, query_mask, None if cache is None else cache[name], cache_index)
       if cache is not None:
         new_cache[name] = layer_cache
+    if depth is not None:
+      return x, None
     x = self.norm(x)
     logits = self.embed_tokens.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32),

@@ -85,14 +85,29 @@ class VLM(nn.Module):
     gathered = jnp.take_along_axis(feats, index[..., None], axis=1)
     return jnp.where(is_image[..., None], gathered, embeds)
 
+  def decode(self, embeds, positions, kv_mask, cache: Cache | None = None, cache_index=0, depth: int | None = None):
+    """The LLM over embeddings [B, L, d] (`embed`'s): (logits [B, L, vocab] float32, updated cache or None);
+    with `depth` only the first `depth` decoder layers run ((hidden [B, L, d], None))."""
+    return self.language_model(embeds, positions, kv_mask, cache, cache_index, depth)
+
   def __call__(self, pixel_values, input_ids, positions, kv_mask, cache: Cache | None = None, cache_index=0):
     """Returns (logits [B, L, vocab] float32, updated cache or None). pixel_values may be None (no images)."""
-    return self.language_model(self.embed(input_ids, pixel_values), positions, kv_mask, cache, cache_index)
+    return self.decode(self.embed(input_ids, pixel_values), positions, kv_mask, cache, cache_index)
 
 
 def prompt_positions(attention_mask: jax.Array) -> jax.Array:
   """Position ids of a left-padded batch: [B, L] -> [B, L] (0 at each example's first real token)."""
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def prepared(model: VLM, variables: dict, pixel_values, input_ids, attention_mask) -> tuple[dict, jax.Array]:
+  """A left-padded prompt batch's embeddings [B, L, d] and the variables of its pass, with what the linears make
+  from the prompts first (LinearFactory.prepare: e.g. each prompt's identified task). The pass itself is then
+  `model.apply(variables, embeds, positions, kv_mask, ..., method='decode')`: images are encoded once."""
+  embeds = model.apply(variables, input_ids, pixel_values, method="embed")
+  variables = model.linear.prepare(model, variables, embeds, prompt_positions(attention_mask),
+                                   attention_mask.astype(bool))
+  return variables, embeds
 
 
 def model_inputs(pixel_values, input_ids, attention_mask) -> tuple:

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from drex import config as config_lib
 from drex import testing
+from drex import workdir as workdir_lib
 from drex.adapters import lora, prototypes, routers
 from drex.errors import UserError
 from drex.models import generation, vlm
@@ -138,3 +140,11 @@ def test_options_are_checked():
   c.identify_layers, c.identify_shrinkage = 4, 0.0
   with pytest.raises(UserError, match="identify_shrinkage"):
     routers.check(c)
+
+
+def test_missing_statistics_name_the_directory_and_the_command(tmp_path):
+  """A workdir without a class's identification statistics: one line naming the directory and how to make them."""
+  cfg = config_lib.stream_config()
+  with pytest.raises(UserError, match=r"identification statistics not found: .*generic_kind-n\d+-l2; make them "
+                                      r"with python -m drex.evaluate --workdir=.* --config.router.kind=identify"):
+    workdir_lib.identification_tree(str(tmp_path), cfg, ["generic_kind"])

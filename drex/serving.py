@@ -118,7 +118,7 @@ class Server:
     self.identification: dict[str, dict] = {}  # class name -> its statistics (router 'identify')
     if "id_w" in self.router.reads():
       names = workdir_lib.identification_classes(self.cfg, self.tasks)
-      self.identification = dict(zip(names, workdir_lib.identification_moments(workdir, self.cfg, names)))
+      self.identification = workdir_lib.identification_moments(workdir, self.cfg, names)
     self._discriminants: dict[tuple[str, ...], dict] = {}
 
   # -- one request
@@ -174,7 +174,7 @@ class Server:
       names = workdir_lib.identification_classes(self.cfg, tasks)
       full = workdir_lib.identification_classes(self.cfg, self.tasks)
       rows = [self.tasks.index(n) if n in self.tasks else full.index(n) for n in names]
-      made = prototypes.discriminants([self.identification[n] for n in names], self.cfg.router.identify_shrinkage)
+      made = prototypes.discriminants({n: self.identification[n] for n in names}, self.cfg.router.identify_shrinkage)
       laid = {}
       for path, leaves in made.items():
         for key, value in leaves.items():

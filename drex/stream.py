@@ -315,6 +315,10 @@ def identification_statistics(run: Run, name: str) -> None:
                     f"{tuple(run.cfg.lora.target_modules)} does not adapt; add 'q_proj'")
   variables = run.place({"params": None, "experts": run.new_expert("base")})  # B = 0: the base's inputs
   moments = prototypes.pooled_moments(run.model(), variables, _sample_batches(run, *sample), run.parallel, paths)
+  count = int(moments[paths[0]]["count"])
+  if count < 2:
+    raise UserError(f"{name}: router 'identify' needs at least 2 readable prompts of it to make its statistics, "
+                    f"found {count}; give the source more records or use --config.router.kind=topk")
   store.save_tree(directory, prototypes.nest(moments))  # a cache of what the base and the data determine
 
 

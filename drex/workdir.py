@@ -153,16 +153,16 @@ def identification_classes(cfg: ml_collections.ConfigDict, tasks: Sequence[str])
   return list(tasks) + [f for f in cfg.foundation if f not in tasks]
 
 
-def identification_moments(workdir: str, cfg: ml_collections.ConfigDict, names: Sequence[str]) -> list[dict]:
-  """The kept identification statistics of each class in `names` ({path: pooled moments}, in order)."""
+def identification_moments(workdir: str, cfg: ml_collections.ConfigDict, names: Sequence[str]) -> dict[str, dict]:
+  """The kept identification statistics of each class in `names`: name -> {path: pooled moments}, in order."""
   from drex.adapters import prototypes  # pylint: disable=g-import-not-at-top
-  out = []
+  out = {}
   for name in names:
     directory = identification_dir(workdir, cfg, name)
     if not store.isdir(directory):
       raise UserError(f"identification statistics not found: {directory}; make them with python -m drex.evaluate "
                       f"--workdir={workdir} --config.router.kind=identify")
-    out.append(prototypes.unnest(store.load_tree(directory, None, "identification statistics")))
+    out[name] = prototypes.unnest(store.load_tree(directory, None, "identification statistics"))
   return out
 
 

@@ -29,7 +29,7 @@ def test_discriminants_are_the_shared_covariance_gaussian_rule():
   train = [means[c] + rng.normal(size=(n, d)) @ mix for c in range(3)]
   test = [means[c] + rng.normal(size=(n, d)) @ mix for c in range(3)]
   shrink = 0.02
-  out = prototypes.discriminants([{"p": _moments(x)} for x in train], shrink)["p"]
+  out = prototypes.discriminants({name: {"p": _moments(x)} for name, x in zip("abc", train)}, shrink)["p"]
   covs = [np.cov(x.T, bias=True) for x in train]
   shared = np.mean(covs, 0)
   shared = (1 - shrink) * shared + shrink * np.trace(shared) / d * np.eye(d)

@@ -146,22 +146,24 @@ def pooled_moments(model: VLM, variables: dict, batches: Iterable[dict], paralle
   return total
 
 
-def discriminants(classes: list[dict[str, dict[str, np.ndarray]]], shrinkage: float) -> dict[str, dict[str, np.ndarray]]:
-  """Per path: {'id_w': [C, d_in], 'id_b': [C, 1]} (float32) of the C classes' pooled_moments, in order."""
+def discriminants(classes: dict[str, dict[str, dict[str, np.ndarray]]],
+                  shrinkage: float) -> dict[str, dict[str, np.ndarray]]:
+  """Per path: {'id_w': [C, d_in], 'id_b': [C, 1]} (float32), one row per class of `classes` (name -> its
+  pooled_moments) in that order. The shared covariance sums the classes in name order, so a class's row does
+  not depend on the order the classes were learned in."""
   out = {}
-  for path in classes[0]:
-    means, covariances = [], []
-    for moments in classes:
+  for path in next(iter(classes.values())):
+    means, covariances = {}, {}
+    for name, moments in classes.items():
       m = moments[path]
       if m["count"] < 2:
-        raise ValueError(f"identification statistics of {path} need at least 2 prompts per class, got {m['count']}")
-      mean = m["sum"] / m["count"]
-      means.append(mean)
-      covariances.append(m["outer"] / m["count"] - np.outer(mean, mean))
-    shared = np.mean(covariances, 0)
+        raise ValueError(f"identification statistics of {name} need at least 2 prompts, got {m['count']}")
+      means[name] = m["sum"] / m["count"]
+      covariances[name] = m["outer"] / m["count"] - np.outer(means[name], means[name])
+    shared = np.mean([covariances[name] for name in sorted(classes)], 0)
     d = shared.shape[0]
     shared = (1.0 - shrinkage) * shared + shrinkage * np.trace(shared) / d * np.eye(d)
-    mu = np.stack(means)  # [C, d]
+    mu = np.stack(list(means.values()))  # [C, d]
     w = np.linalg.solve(shared, mu.T).T
     out[path] = {"id_w": w.astype(np.float32), "id_b": (-0.5 * (w * mu).sum(1, keepdims=True)).astype(np.float32)}
   return out

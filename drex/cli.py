@@ -92,6 +92,19 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s drex %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.propagate = False
+  absl = logging.getLogger("absl")  # orbax logs a failed background write with its traceback
+  if not any(isinstance(f, _MachineFailureFilter) for f in absl.filters):
+    absl.addFilter(_MachineFailureFilter())
+
+
+class _MachineFailureFilter(logging.Filter):
+  """Drops library log records of a full disk, quota, read-only filesystem or permission failure (with their
+  tracebacks): the failure reaches drex's command, which reports it in one line (`run`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.exc_info[1] is not None and environment_error(record.exc_info[1]):
+      return False
+    return environment_error(Exception(record.getMessage())) is None
 
 
 # Failures of the machine, not of drex: reported in one line like user errors (exit status 2).
@@ -132,6 +145,14 @@ def run(main: Callable[[Sequence[str]], None], prog: str,
         default_hook(args)
 
     threading.excepthook = thread_hook
+    default_unraisable = sys.unraisablehook
+
+    def unraisable_hook(unraisable):  # tensorstore's callbacks into orbax's loop, closed by a failed write
+      closed = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+      if not closed and environment_error(unraisable.exc_value) is None:
+        default_unraisable(unraisable)
+
+    sys.unraisablehook = unraisable_hook
     try:
       main(argv)
     except UserError as e:

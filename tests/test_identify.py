@@ -47,6 +47,18 @@ def test_discriminants_are_the_shared_covariance_gaussian_rule():
   assert hits / (3 * n) > 1 / 3 + 0.2
 
 
+def test_a_class_row_does_not_depend_on_the_order_of_the_classes():
+  """The task order of a stream must not change what identifies a task: rows equal bit for bit."""
+  rng = np.random.default_rng(1)
+  classes = {name: {"p": _moments(rng.normal(size=(50, 5)) + i)} for i, name in enumerate(["t1", "t2", "t3", "base"])}
+  first = prototypes.discriminants(classes, 0.1)["p"]
+  order = ["t3", "t1", "base", "t2"]
+  second = prototypes.discriminants({n: classes[n] for n in order}, 0.1)["p"]
+  for i, name in enumerate(classes):
+    for leaf in ("id_w", "id_b"):
+      np.testing.assert_array_equal(first[leaf][i], second[leaf][order.index(name)])
+
+
 def test_identifying_paths_are_the_first_layers_q_proj():
   paths = [f"language_model/layers_{i}/self_attn/{m}" for i in range(24) for m in ("q_proj", "k_proj")]
   chosen = prototypes.identifying_paths(paths, 3)

@@ -519,7 +519,7 @@ class Identify(Router):
                            method="decode", mutable=["intermediates"])
     inputs = {p[:-1]: v[0] for p, v in flax.traverse_util.flatten_dict(state["intermediates"]).items()
               if p[-1] == "inputs"}
-    num_experts = next(v.shape[0] for p, v in flax.traverse_util.flatten_dict(variables["experts"]).items())
+    num_experts = jax.tree.leaves(variables["experts"])[0].shape[0]
     scores, allowed = 0.0, {}
     for path, w in leaves.items():
       if path[-1] == "id_w":

@@ -121,8 +121,9 @@ def test_walkthrough_notebook_runs_on_a_finished_workdir(smoke_run, monkeypatch,
 @pytest.mark.slow
 def test_task3_shows_the_method(tmp_path):
   """The main job's effects as measured on the shipped base (README, "Results"): routing keeps every task
-  near its own expert (measured 94-100%) and the foundation suite within the issue's 2 points (measured
-  -2.0 with the hybrid default), better than both baselines; sequential fine-tuning forgets tasks 1-2 (measured
+  near its own expert (measured 100% with the identify default, 94-100% with the topk hybrid) and the
+  foundation suite within the issue's 2 points (measured 0.0; -2.0 with the topk hybrid), better than both
+  baselines; sequential fine-tuning forgets tasks 1-2 (measured
   66 points) and the foundation suite (-27). Margins allow for other CPUs' numerics; the run is deterministic on one machine."""
   cfg = load_config_file(os.path.join(ROOT, "configs", "task3.py"))
   r = run_stream(cfg, str(tmp_path / "task3"))

@@ -96,6 +96,25 @@ class Selecting(routers.Router):
     return jnp.where(use_fixed, variables["fixed"][:, None, :], inner)
 
 
+@dataclasses.dataclass(frozen=True)
+class FixedOnly(routers.Router):
+  """The inner router of a batch whose every request names its expert or the base (`Selecting` then uses
+  their `fixed` weights alone): nothing to score, no identifying pass."""
+
+  KIND: ClassVar[str] = "fixed_only"
+  PER_SEQUENCE: ClassVar[bool] = True
+
+  @property
+  def per_sequence_experts(self) -> int:
+    return 1
+
+  def choose(self, x, token_mask, num_experts, variables, experts):
+    return jnp.zeros((x.shape[0], num_experts), jnp.float32)
+
+  def gates(self, x, num_experts, variables, experts, chosen=None):
+    return jnp.zeros(x.shape[:-1] + (num_experts,), jnp.float32)
+
+
 def _steps(max_new_tokens: int) -> int:
   """Decoding steps of a batch: the next power of two (few compiled programs)."""
   return 1 << (max_new_tokens - 1).bit_length()
@@ -113,6 +132,7 @@ class Server:
     self.router = routers.from_config(self.cfg.router, len(self.tasks))
     c = self.cfg.lora
     self.model = self.base.model(lora.AdapterSpec(Selecting(self.router), c.lora_alpha, c.rslora, c.kernel))
+    self.fixed_model = self.base.model(lora.AdapterSpec(Selecting(FixedOnly()), c.lora_alpha, c.rslora, c.kernel))
     self.encoder = self.base.encoder(self.cfg.data.max_tiles)  # the tiling the run trained and evaluated with
     self.paths = sorted({path[:-1] for path in flax.traverse_util.flatten_dict(self.vectors)})
     self.identification: dict[str, dict] = {}  # class name -> its statistics (router 'identify')
@@ -203,7 +223,8 @@ class Server:
     length = round_up(max(len(r["prompt"]) for r in filled), PROMPT_BUCKET)
     ids, mask = (np.stack(column) for column in zip(*(self.encoder.left_pad(r["prompt"], length) for r in filled)))
     steps = _steps(max(r["max_new_tokens"] for r in rows))
-    tokens = jitted_greedy_generate(self.model, self._variables(filled), np.stack([r["pixels"] for r in filled]), ids,
+    model = self.fixed_model if all(r["use_fixed"] for r in filled) else self.model
+    tokens = jitted_greedy_generate(model, self._variables(filled), np.stack([r["pixels"] for r in filled]), ids,
                                     mask, steps, self.encoder.eos_id, self.encoder.pad_id)
     tokens = np.asarray(tokens)
     return [self.encoder.decode_answer(tokens[i, :r["max_new_tokens"]]) for i, r in enumerate(rows)]

@@ -271,7 +271,8 @@ def _foundation_sample(run: Run, name: str) -> tuple:
   try:
     records = source.records("train")
   except UserError:
-    log.warning("%s has no train split: its null-expert prototype is made from its validation prompts", name)
+    log.warning("%s has no train split: its routing statistics (null-expert prototype, identification) are made "
+                "from its validation prompts", name)
     records = source.records("validation")
   sample = record_lib.Subset(records, range(min(len(records), workdir_lib.routing_sample_size(run.cfg))))
   longest = encoder.scan(sample).prompt_max

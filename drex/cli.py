@@ -102,9 +102,7 @@ class _MachineFailureFilter(logging.Filter):
   tracebacks): the failure reaches drex's command, which reports it in one line (`run`)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and record.exc_info[1] is not None and environment_error(record.exc_info[1]):
-      return False
-    return environment_error(Exception(record.getMessage())) is None
+    return not (record.exc_info and record.exc_info[1] is not None and environment_error(record.exc_info[1]))
 
 
 # Failures of the machine, not of drex: reported in one line like user errors (exit status 2).

@@ -137,7 +137,7 @@ class Server:
     self.paths = sorted({path[:-1] for path in flax.traverse_util.flatten_dict(self.vectors)})
     self.identification: dict[str, dict] = {}  # class name -> its statistics (router 'identify')
     if "id_w" in self.router.reads():
-      names = workdir_lib.identification_classes(self.cfg, self.tasks)
+      names = list(dict.fromkeys(list(self.tasks) + list(self.cfg.foundation)))  # every class a request can use
       self.identification = workdir_lib.identification_moments(workdir, self.cfg, names)
     self._discriminants: dict[tuple[str, ...], dict] = {}
 
@@ -187,19 +187,21 @@ class Server:
   # -- batches
   def discriminants(self, tasks: tuple[str, ...]) -> dict[tuple[str, ...], dict[str, np.ndarray]]:
     """Router 'identify' among `tasks` and the base, as drex.evaluate identifies in a stream of those tasks
-    alone (the shared covariance of their classes), laid out over all the workdir's experts: {path: {'id_w'
-    [E + K, d_in], 'id_b' [E + K, 1]}}; rows of experts outside `tasks` are zero (the request's `allowed`
-    excludes them)."""
+    alone (the shared covariance of their classes), laid out over all the workdir's experts, then one base row
+    per foundation member: {path: {'id_w' [E + F, d_in], 'id_b' [E + F, 1]}}. Rows of experts outside `tasks`
+    are excluded by the request's `allowed`; rows of no class here (a foundation member that is one of
+    `tasks`) can never win (bias -1e30)."""
     if tasks not in self._discriminants:
       names = workdir_lib.identification_classes(self.cfg, tasks)
-      full = workdir_lib.identification_classes(self.cfg, self.tasks)
-      rows = [self.tasks.index(n) if n in self.tasks else full.index(n) for n in names]
+      e, foundation = len(self.tasks), list(self.cfg.foundation)
+      rows = [self.tasks.index(n) if n in tasks else e + foundation.index(n) for n in names]
       made = prototypes.discriminants({n: self.identification[n] for n in names}, self.cfg.router.identify_shrinkage)
       laid = {}
       for path, leaves in made.items():
-        for key, value in leaves.items():
-          laid.setdefault(tuple(path.split("/")), {})[key] = np.zeros((len(full),) + value.shape[1:], np.float32)
-          laid[tuple(path.split("/"))][key][rows] = value
+        w = np.zeros((e + len(foundation), leaves["id_w"].shape[1]), np.float32)
+        b = np.full((e + len(foundation), 1), -1e30, np.float32)
+        w[rows], b[rows] = leaves["id_w"], leaves["id_b"]
+        laid[tuple(path.split("/"))] = {"id_w": w, "id_b": b}
       self._discriminants[tasks] = laid
     return self._discriminants[tasks]
 

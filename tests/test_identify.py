@@ -160,3 +160,29 @@ def test_missing_statistics_name_the_directory_and_the_command(tmp_path):
   with pytest.raises(UserError, match=r"identification statistics not found: .*generic_kind-n\d+-l2; make them "
                                       r"with python -m drex.evaluate --workdir=.* --config.router.kind=identify"):
     workdir_lib.identification_tree(str(tmp_path), cfg, ["generic_kind"])
+
+
+def test_per_sequence_discriminants_score_each_sequence_with_its_own(identified_micro):
+  """drex.serving gives each request its own discriminants [B, C, d]: the same ones stacked choose as the shared
+  ones do, and a row's own discriminants decide its choice alone."""
+  cfg, variables, leaves = identified_micro
+  model = vlm.VLM(cfg, lora.AdapterSpec(routers.Identify(), lora_alpha=4.0))
+  b = testing.micro_batch(cfg, batch=3, seed=2)
+
+  def identified(router_leaves):
+    flat = flax.traverse_util.flatten_dict(variables["router"])
+    flat.update({tuple(p.split("/")) + (k,): jnp.asarray(v) for p, entry in router_leaves.items() for k, v in entry.items()})
+    prepared, _ = vlm.prepared(model, {**variables, "router": flax.traverse_util.unflatten_dict(flat)},
+                               b["pixel_values"], b["input_ids"], b["attention_mask"])
+    return np.asarray(next(v for p, v in flax.traverse_util.flatten_dict(prepared["router"]).items()
+                           if p[-1] == "identified"))
+
+  shared = identified(leaves)
+  stacked = identified({p: {k: np.stack([v] * 3) for k, v in e.items()} for p, e in leaves.items()})
+  np.testing.assert_array_equal(stacked, shared)
+  forced = {p: {"id_w": np.stack([e["id_w"]] * 3), "id_b": np.stack([e["id_b"]] * 3)} for p, e in leaves.items()}
+  for p in forced:  # row 1's own discriminants make expert 2 win; the other rows keep theirs
+    forced[p]["id_b"][1] = np.where(np.arange(5)[:, None] == 2, 1e6, -1e6)
+  got = identified(forced)
+  np.testing.assert_array_equal(got[1], np.eye(5, dtype=np.float32)[2][:3])
+  np.testing.assert_array_equal(got[[0, 2]], shared[[0, 2]])

@@ -126,10 +126,14 @@ def pooled_moments(model: VLM, variables: dict, batches: Iterable[dict], paralle
     flat = {"/".join(p[:-1]): v[0] for p, v in flax.traverse_util.flatten_dict(st["intermediates"]).items()
             if p[-1] == "inputs"}
     keep = (mask.sum(1) > 0).astype(jnp.float32)[:, None]
+    count = keep.sum()
     out = {}
     for path in paths:
       pooled = pooled_standardized(flat[path], mask) * keep
-      out[path] = {"count": keep.sum(), "sum": pooled.sum(0), "outer": pooled.T @ pooled}
+      mean = pooled.sum(0) / jnp.maximum(count, 1.0)
+      centred = (pooled - mean) * keep  # centred in the batch: the float32 sums keep the prompts' spread
+      out[path] = {"count": count, "mean": mean,
+                   "m2": jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)}
     return out
 
   compiled = jax.jit(sums, out_shardings=parallel.sharding(()))
@@ -139,11 +143,13 @@ def pooled_moments(model: VLM, variables: dict, batches: Iterable[dict], paralle
     g = parallel.global_batch({"pixel_values": b["pixel_values"], "input_ids": b["input_ids"], "attention_mask": mask})
     with parallel.context():
       s = compiled(variables, g["pixel_values"], g["input_ids"], g["attention_mask"])
-    for path, entry in s.items():
-      acc = total.setdefault(path, {})
-      for name, value in entry.items():
-        acc[name] = acc.get(name, 0.0) + np.asarray(value, np.float64)
-  return total
+    for path, entry in s.items():  # batches combined in float64 (sum; sum of outer products)
+      n, mean = float(entry["count"]), np.asarray(entry["mean"], np.float64)
+      acc = total.setdefault(path, {"count": 0.0, "sum": 0.0, "outer": 0.0})
+      acc["count"] += n
+      acc["sum"] = acc["sum"] + n * mean
+      acc["outer"] = acc["outer"] + np.asarray(entry["m2"], np.float64) + n * np.outer(mean, mean)
+  return {path: {k: np.asarray(v, np.float64) for k, v in acc.items()} for path, acc in total.items()}
 
 
 def discriminants(classes: dict[str, dict[str, dict[str, np.ndarray]]],
@@ -162,7 +168,7 @@ def discriminants(classes: dict[str, dict[str, dict[str, np.ndarray]]],
       covariances[name] = m["outer"] / m["count"] - np.outer(means[name], means[name])
     shared = np.mean([covariances[name] for name in sorted(classes)], 0)
     d = shared.shape[0]
-    shared = (1.0 - shrinkage) * shared + shrinkage * np.trace(shared) / d * np.eye(d)
+    shared = (1.0 - shrinkage) * shared + shrinkage * max(np.trace(shared) / d, 1e-12) * np.eye(d)
     mu = np.stack(list(means.values()))  # [C, d]
     w = np.linalg.solve(shared, mu.T).T
     out[path] = {"id_w": w.astype(np.float32), "id_b": (-0.5 * (w * mu).sum(1, keepdims=True)).astype(np.float32)}

@@ -525,12 +525,13 @@ class Identify(Router):
       if path[-1] == "id_w":
         pooled = pooled_standardized(inputs[path[:-1]], kv_mask)
         bias = leaves[path[:-1] + ("id_b",)][..., 0]  # [C], or [B, C] per sequence (drex.serving's subsets)
-        scores = scores + jnp.einsum("bd,...cd->bc", pooled, w.astype(jnp.float32)) + bias
+        spec = "bd,bcd->bc" if w.ndim == 3 else "bd,cd->bc"
+        scores = scores + jnp.einsum(spec, pooled, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) + bias
       elif path[-1] == "allowed":
         allowed = {"allowed": w}
     scores = restrict(scores[:, None, :], allowed)[:, 0]  # a serving request's own selection of tasks
     identified = jax.nn.one_hot(jnp.argmax(scores, -1), scores.shape[-1], dtype=jnp.float32)[:, :num_experts]
-    linears = {p[:-1] for p in leaves}
+    linears = {p[:-1] for p in flax.traverse_util.flatten_dict(variables["experts"])}
     router = flax.traverse_util.unflatten_dict({**leaves, **{p + ("identified",): identified for p in linears}})
     return {**variables, "router": router}
 

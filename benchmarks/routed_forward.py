@@ -30,11 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import internvl2_cpu  # pylint: disable=g-import-not-at-top
 from drex import base as base_lib
-from drex.adapters import lora, prototypes, routers
+from drex.adapters import identify, lora, prototypes, routers
 from drex.models.vlm import VLM, model_inputs, prepared
 
 LEVELS = {"token": routers.TopK(k=2), "sequence": routers.SequenceTopK(k=2),
-          "hybrid": routers.HybridTopK(k=2, candidates=3), "identify": routers.Identify()}
+          "hybrid": routers.HybridTopK(k=2, candidates=3), "identify": identify.Identify()}
 IDENTIFY_LAYERS = 2  # the default config.router.identify_layers
 BASE_CLASSES = 3  # the foundation suite's members
 

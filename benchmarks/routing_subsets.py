@@ -21,7 +21,7 @@ import json
 import sys
 
 from drex import config as config_lib
-from drex import stream
+from drex import routing_statistics, stream
 from drex.adapters import lora, routers
 from drex.checkpoints import store
 
@@ -47,7 +47,7 @@ def main(workdir: str, subsets: str, settings: str, split: str = "validation") -
                         identify_layers=setting.get("layers", run_router.get("identify_layers", 2)),
                         identify_shrinkage=setting.get("shrink", run_router.get("identify_shrinkage", 0.1)))
       router = routers.from_config(cfg.router, len(subset))
-      tree = lora.merge_trees(vectors, stream.data_leaves(run, router, subset))  # made once, then loaded
+      tree = lora.merge_trees(vectors, routing_statistics.data_leaves(run, router, subset))  # made once, then loaded
       row = stream.evaluate_row(run, router, {"experts": experts, "router": tree}, columns)
       print(f"{'+'.join(subset)} {json.dumps(setting)}: " + ", ".join(f"{c} {v:.3f}" for c, v in zip(columns, row)),
             flush=True)

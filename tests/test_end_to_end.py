@@ -19,7 +19,8 @@ from drex.checkpoints import store
 from drex.cli import load_config_file
 from drex.data import tasks
 from drex.errors import UserError
-from drex.stream import null_prototypes, open_run, run_stream
+from drex.routing_statistics import null_prototypes
+from drex.stream import open_run, run_stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

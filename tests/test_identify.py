@@ -10,7 +10,7 @@ import pytest
 from drex import config as config_lib
 from drex import testing
 from drex import workdir as workdir_lib
-from drex.adapters import lora, prototypes, routers
+from drex.adapters import identify, lora, prototypes, routers
 from drex.errors import UserError
 from drex.models import generation, vlm
 
@@ -104,7 +104,7 @@ def test_each_sequence_is_answered_by_its_identified_expert_or_the_base(identifi
   """Generation under `identify` equals, row by row, generation with the identified expert alone (Single), or
   the base alone for a base class; the KV-cached decode keeps the prompt's choice."""
   cfg, variables, leaves = identified_micro
-  model = vlm.VLM(cfg, lora.AdapterSpec(routers.Identify(), lora_alpha=4.0))
+  model = vlm.VLM(cfg, lora.AdapterSpec(identify.Identify(), lora_alpha=4.0))
   classes = set()
   for seed in range(4):
     b = testing.micro_batch(cfg, batch=3, seed=seed, pad=(0, 2, 5))
@@ -127,7 +127,7 @@ def test_each_sequence_is_answered_by_its_identified_expert_or_the_base(identifi
 def test_a_restriction_to_some_experts_is_honoured(identified_micro):
   """With `allowed` (a serving request's own selection) the best allowed class wins; base classes stay allowed."""
   cfg, variables, leaves = identified_micro
-  model = vlm.VLM(cfg, lora.AdapterSpec(routers.Identify(), lora_alpha=4.0))
+  model = vlm.VLM(cfg, lora.AdapterSpec(identify.Identify(), lora_alpha=4.0))
   b = testing.micro_batch(cfg, batch=3, seed=1)
   _, scores = _expected_classes(model, variables, leaves, b)
   allowed = np.asarray([[1, 0, 0], [0, 1, 1], [0, 0, 0]], np.float32)
@@ -166,7 +166,7 @@ def test_per_sequence_discriminants_score_each_sequence_with_its_own(identified_
   """drex.serving gives each request its own discriminants [B, C, d]: the same ones stacked choose as the shared
   ones do, and a row's own discriminants decide its choice alone."""
   cfg, variables, leaves = identified_micro
-  model = vlm.VLM(cfg, lora.AdapterSpec(routers.Identify(), lora_alpha=4.0))
+  model = vlm.VLM(cfg, lora.AdapterSpec(identify.Identify(), lora_alpha=4.0))
   b = testing.micro_batch(cfg, batch=3, seed=2)
 
   def identified(router_leaves):

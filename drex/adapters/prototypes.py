@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drex.adapters.routers import Identify, pooled_standardized, standardize
+from drex.adapters.identify import Identify, pooled_standardized
+from drex.adapters.routers import standardize
 from drex.models.vlm import VLM, model_inputs
 from drex.parallel import Parallel
 

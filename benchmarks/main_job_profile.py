@@ -7,7 +7,9 @@ Runs `configs/task3.py` (as `python -m drex.train` does) in a fresh workdir and 
   * pipeline: the time training loops wait for their next batch (grain: decode, tokenize, batch);
   * steps: the time in the jitted train steps, each synced (device work + dispatch);
   * evaluation: the time in `evaluate_row` (generation + scoring, its compiles included),
-and writes the breakdown beside the stream's own timings; the results must equal task3_cpu.json.
+and writes the breakdown beside the stream's own timings, the train steps per second, and the kernel time and
+page faults of the process (getrusage); the results must equal task3_cpu.json. Freed host memory is kept for reuse
+as `python -m drex.train` does (drex.host_memory); `--default_malloc` measures glibc's default instead.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import collections
 import datetime
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -27,7 +30,7 @@ import jax  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from benchmarks import compare_results
-from drex import cli, stream
+from drex import cli, host_memory, stream
 from drex.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +42,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="")
   parser.add_argument("--workdir", default="")
+  parser.add_argument("--default_malloc", action="store_true", help="leave glibc's malloc settings as they are")
   args = parser.parse_args()
+  kept = False if args.default_malloc else host_memory.keep_freed_memory()
   flags.FLAGS.mark_as_parsed()
   cli.setup_logging()
   spent = collections.Counter()
@@ -69,6 +74,7 @@ def main() -> None:
       begin = time.perf_counter()
       out = jax.block_until_ready(step_fn(*a))
       spent["steps"] += time.perf_counter() - begin
+      spent["step_count"] += 1
       return out
 
     return train(label, step, state, frozen, batches, *rest, **kw)
@@ -87,24 +93,35 @@ def main() -> None:
   cfg = cli.load_config_file(os.path.join(ROOT, "configs", "task3.py"))
   workdir = args.workdir or tempfile.mkdtemp(prefix="drex_profile_")
   cfg.data.data_dir = os.path.join(workdir, "tfds")  # an empty TFDS cache: dataset builds are part of the job
+  usage_before = resource.getrusage(resource.RUSAGE_SELF)
   begin = time.perf_counter()
   results = stream.run_stream(cfg, os.path.join(workdir, "run"))
   wall = time.perf_counter() - begin
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   with open(os.path.join(ROOT, "benchmarks", "results", "task3_cpu.json")) as f:
     differences, _ = compare_results.compare(json.load(f), results)
-  breakdown = {k: round(v, 1) for k, v in spent.items()}
+  breakdown = {k: round(v, 1) for k, v in spent.items() if k != "step_count"}
+  steps = int(spent["step_count"])
   info = {"command": "PYTHONPATH=. python3 benchmarks/main_job_profile.py " + " ".join(sys.argv[1:]),
           "date": datetime.date.today().isoformat(), "cores": os.cpu_count(), "jax": jax.__version__,
           "wall_s": round(wall, 1), "breakdown_s": breakdown, "stream_timings_s": results["timings_s"],
+          "train_steps": steps, "train_steps_per_s": round(steps / spent["steps"], 2), "freed_memory_kept": kept,
+          "kernel_cpu_s": round(usage.ru_stime - usage_before.ru_stime, 1),
+          "user_cpu_s": round(usage.ru_utime - usage_before.ru_utime, 1),
+          "minor_page_faults": usage.ru_minflt - usage_before.ru_minflt,
           "results_equal_task3_cpu_json": not differences}
   print(json.dumps(info, indent=1))
   if args.out:
     with open(os.path.join(args.out, "main_job_profile_cpu.json"), "w") as f:
       json.dump(info, f, indent=1)
-    rest = wall - sum(v for k, v in spent.items() if k != "compile")
+    rest = wall - sum(v for k, v in spent.items() if k not in ("compile", "step_count"))
     lines = ["# Main job wall time, broken down (2-core CPU)", "", f"`{info['command']}`  ",
              f"{info['date']}, jax {info['jax']}, {info['cores']} cores; fresh workdir and TFDS cache; results equal "
-             f"`task3_cpu.json`: {info['results_equal_task3_cpu_json']}.", "",
+             f"`task3_cpu.json`: {info['results_equal_task3_cpu_json']}; freed host memory kept for reuse "
+             f"(drex.host_memory): {kept}.", "",
+             f"Train steps: {steps} at {info['train_steps_per_s']} steps/s (each synced). CPU time: "
+             f"{info['user_cpu_s']:.0f} s user, {info['kernel_cpu_s']:.0f} s kernel; "
+             f"{info['minor_page_faults'] / 1e6:.1f} M minor page faults.", "",
              "| part | seconds | share |", "|---|---|---|", f"| whole job | {wall:.0f} | 100% |"]
     for key in ("steps", "pipeline", "evaluation", "compile"):
       lines.append(f"| {key}{' (inside the others)' if key == 'compile' else ''} | {spent[key]:.0f} | "

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from absl import app
 import ml_collections
 
+from drex import host_memory
 from drex.errors import UserError
 
 
@@ -169,6 +170,7 @@ def run(main: Callable[[Sequence[str]], None], prog: str,
       sys.stdout.flush()
       os._exit(2)  # not sys.exit: libraries' exit hooks (TensorBoard's flush) would fail on the same disk, loudly
 
+  host_memory.keep_freed_memory()  # before JAX starts its CPU threads
   try:
     _precheck(sys.argv[1:], "config", default_config)
   except UserError as e:

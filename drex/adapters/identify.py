@@ -14,7 +14,7 @@ from drex.adapters import routers
 from drex.errors import UserError
 
 
-def _layer_index(path: tuple[str, ...]) -> int:
+def layer_index(path: tuple[str, ...]) -> int:
   """The decoder layer of a linear's path ('language_model', 'layers_3', ...) -> 3."""
   return next(int(part[len("layers_"):]) for part in path if part.startswith("layers_"))
 
@@ -50,7 +50,7 @@ class Identify(routers.Router):
 
   def prepare(self, model, variables, embeds, positions, kv_mask):
     leaves = flax.traverse_util.flatten_dict(variables["router"])
-    depth = 1 + max((_layer_index(p) for p in leaves if p[-1] == "id_w"), default=-1)
+    depth = 1 + max((layer_index(p) for p in leaves if p[-1] == "id_w"), default=-1)
     if not depth:
       raise ValueError("router 'identify' needs the router variables 'id_w' and 'id_b', which are not loaded")
     # The base's first `depth` layers over the prompts (what the identifying linears' inputs need, no more).

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drex.adapters.identify import Identify, pooled_standardized
+from drex.adapters.identify import Identify, layer_index, pooled_standardized
 from drex.adapters.routers import standardize
 from drex.models.vlm import VLM, model_inputs
 from drex.parallel import Parallel
@@ -120,10 +120,14 @@ def identifying_paths(linear_paths: Iterable[str], count: int) -> list[str]:
 def pooled_moments(model: VLM, variables: dict, batches: Iterable[dict], parallel: Parallel,
                    paths: list[str]) -> dict[str, dict[str, np.ndarray]]:
   """Per path: {'count': [], 'sum': [d_in], 'outer': [d_in, d_in]} of the prompts' mean standardized inputs
-  (float64; `variables` must hold an experts tree, whose linears sow their inputs)."""
+  (float64; `variables` must hold an experts tree, whose linears sow their inputs). Only the decoder layers up to
+  the deepest path run: the pass the identify router makes before a prompt's own (Identify.prepare)."""
+  depth = 1 + max(layer_index(tuple(p.split("/"))) for p in paths)
 
   def sums(variables, px, ids, mask):
-    _, st = model.apply(variables, *model_inputs(px, ids, mask), mutable=["intermediates"])
+    positions, kv_mask = model_inputs(px, ids, mask)[2:]
+    embeds = model.apply(variables, ids, px, method="embed")
+    _, st = model.apply(variables, embeds, positions, kv_mask, depth=depth, method="decode", mutable=["intermediates"])
     flat = {"/".join(p[:-1]): v[0] for p, v in flax.traverse_util.flatten_dict(st["intermediates"]).items()
             if p[-1] == "inputs"}
     keep = (mask.sum(1) > 0).astype(jnp.float32)[:, None]

@@ -137,7 +137,7 @@ class Server:
     self.paths = sorted({path[:-1] for path in flax.traverse_util.flatten_dict(self.vectors)})
     self.identification: dict[str, dict] = {}  # class name -> its statistics (router 'identify')
     if "id_w" in self.router.reads():
-      names = list(dict.fromkeys(list(self.tasks) + list(self.cfg.foundation)))  # every class a request can use
+      names = workdir_lib.identification_classes(self.cfg, self.tasks)  # every class a request can use
       self.identification = workdir_lib.identification_moments(workdir, self.cfg, names)
     self._discriminants: dict[tuple[str, ...], dict] = {}
 

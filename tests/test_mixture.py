@@ -3,6 +3,7 @@
 import sys
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,3 +81,26 @@ def test_sequence_mixture_equals_the_dense_one_on_each_sequences_experts():
   gates = jnp.asarray(rng.uniform(size=(3, 5, 6)) * keep, jnp.float32)
   np.testing.assert_allclose(mixture.sequence_mixture(x, a, b, gates, jnp.asarray(used), 0.5),
                              mixture.mixture_reference(x, a, b, gates, 0.5), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("lead,d,r,o,e,x_dtype", [((2, 5), 16, 4, 24, 3, jnp.float32), ((7,), 8, 1, 8, 1, jnp.float32),
+                                                  ((3, 2, 4), 32, 8, 16, 2, BF16)])
+def test_dense_mixture_gradients_equal_autodiff_of_the_reference(lead, d, r, o, e, x_dtype):
+  """The 'xla' kernel's hand-written backward (mixture_grads) gives the reference's autodiff cotangents."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=lead + (d,)), x_dtype)
+  a, b = jnp.asarray(rng.normal(size=(e, d, r)), jnp.float32), jnp.asarray(rng.normal(size=(e, r, o)), jnp.float32)
+  gates = jnp.asarray(rng.random(lead + (e,)), jnp.float32)
+  probe = jnp.asarray(rng.normal(size=lead + (o,)), jnp.float32)
+
+  def loss(fn):
+    return lambda *args: jnp.sum(fn(*args, 0.5).astype(jnp.float32) * probe)
+
+  want_y, got_y = mixture.mixture_reference(x, a, b, gates, 0.5), mixture.adapter_mixture(x, a, b, gates, 0.5)
+  np.testing.assert_array_equal(np.asarray(got_y, np.float32), np.asarray(want_y, np.float32))
+  want = jax.grad(loss(mixture.mixture_reference), argnums=(0, 1, 2, 3))(x, a, b, gates)
+  got = jax.grad(loss(mixture.dense_mixture), argnums=(0, 1, 2, 3))(x, a, b, gates)
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  tol = 2e-2 if x_dtype == BF16 else 1e-4
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol * 10)

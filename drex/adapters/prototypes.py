@@ -19,6 +19,7 @@ All statistics are over real prompt tokens of base-model activations (experts wi
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable
 
 import flax
@@ -40,24 +41,7 @@ def input_moments(model: VLM, variables: dict, batches: Iterable[dict], parallel
   `variables` must hold an experts tree (its inputs are sown by every adapted linear).
   """
   vectors = vectors or {}
-
-  def sums(variables, vecs, px, ids, mask):
-    _, st = model.apply(variables, *model_inputs(px, ids, mask), mutable=["intermediates"])
-    w = mask.astype(jnp.float32)[..., None]
-    out = {}
-    for path, value in flax.traverse_util.flatten_dict(st["intermediates"]).items():
-      if path[-1] != "inputs" or "language_model" not in path:
-        continue
-      key = "/".join(path[:-1])
-      xhat = standardize(value[0])
-      entry = {"x": (xhat * w).sum((0, 1))}
-      if key in vecs:
-        s = jnp.einsum("bld,nd->bln", xhat, standardize(vecs[key])) / jnp.sqrt(xhat.shape[-1])
-        entry.update(s=(s * w).sum((0, 1)), s2=(s * s * w).sum((0, 1)))
-      out[key] = entry
-    return out, w.sum()
-
-  compiled = jax.jit(sums, out_shardings=parallel.sharding(()))
+  compiled = _input_sums(model, parallel.sharding(()))
   total: dict[str, dict[str, np.ndarray]] = {}
   count = 0.0
   for b in batches:
@@ -123,6 +107,50 @@ def pooled_moments(model: VLM, variables: dict, batches: Iterable[dict], paralle
   (float64; `variables` must hold an experts tree, whose linears sow their inputs). Only the decoder layers up to
   the deepest path run: the pass the identify router makes before a prompt's own (Identify.prepare)."""
   depth = 1 + max(layer_index(tuple(p.split("/"))) for p in paths)
+  compiled = _pooled_sums(model, depth, tuple(paths), parallel.sharding(()))
+  total: dict[str, dict[str, np.ndarray]] = {}
+  for b in batches:
+    mask = b["attention_mask"] * b["valid"][:, None]
+    g = parallel.global_batch({"pixel_values": b["pixel_values"], "input_ids": b["input_ids"], "attention_mask": mask})
+    with parallel.context():
+      s = compiled(variables, g["pixel_values"], g["input_ids"], g["attention_mask"])
+    for path, entry in s.items():  # batches combined in float64 (sum; sum of outer products)
+      n, mean = float(entry["count"]), np.asarray(entry["mean"], np.float64)
+      acc = total.setdefault(path, {"count": 0.0, "sum": 0.0, "outer": 0.0})
+      acc["count"] += n
+      acc["sum"] = acc["sum"] + n * mean
+      acc["outer"] = acc["outer"] + np.asarray(entry["m2"], np.float64) + n * np.outer(mean, mean)
+  return {path: {k: np.asarray(v, np.float64) for k, v in acc.items()} for path, acc in total.items()}
+
+
+# The statistics' jitted passes, one per model, depth and paths: every task and foundation member reuses them
+# (their prompts are batched to one shape), so each is compiled once per run, not once per class.
+@functools.lru_cache(maxsize=16)
+def _input_sums(model: VLM, replicated: jax.sharding.Sharding):
+  """jit of (variables, vecs, px, ids, mask) -> ({path: {'x', 's'?, 's2'?}}, token count) (see input_moments)."""
+
+  def sums(variables, vecs, px, ids, mask):
+    _, st = model.apply(variables, *model_inputs(px, ids, mask), mutable=["intermediates"])
+    w = mask.astype(jnp.float32)[..., None]
+    out = {}
+    for path, value in flax.traverse_util.flatten_dict(st["intermediates"]).items():
+      if path[-1] != "inputs" or "language_model" not in path:
+        continue
+      key = "/".join(path[:-1])
+      xhat = standardize(value[0])
+      entry = {"x": (xhat * w).sum((0, 1))}
+      if key in vecs:
+        s = jnp.einsum("bld,nd->bln", xhat, standardize(vecs[key])) / jnp.sqrt(xhat.shape[-1])
+        entry.update(s=(s * w).sum((0, 1)), s2=(s * s * w).sum((0, 1)))
+      out[key] = entry
+    return out, w.sum()
+
+  return jax.jit(sums, out_shardings=replicated)
+
+
+@functools.lru_cache(maxsize=16)
+def _pooled_sums(model: VLM, depth: int, paths: tuple[str, ...], replicated: jax.sharding.Sharding):
+  """jit of (variables, px, ids, mask) -> {path: {'count', 'mean', 'm2'}} of one batch (see pooled_moments)."""
 
   def sums(variables, px, ids, mask):
     positions, kv_mask = model_inputs(px, ids, mask)[2:]
@@ -141,20 +169,7 @@ def pooled_moments(model: VLM, variables: dict, batches: Iterable[dict], paralle
                    "m2": jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)}
     return out
 
-  compiled = jax.jit(sums, out_shardings=parallel.sharding(()))
-  total: dict[str, dict[str, np.ndarray]] = {}
-  for b in batches:
-    mask = b["attention_mask"] * b["valid"][:, None]
-    g = parallel.global_batch({"pixel_values": b["pixel_values"], "input_ids": b["input_ids"], "attention_mask": mask})
-    with parallel.context():
-      s = compiled(variables, g["pixel_values"], g["input_ids"], g["attention_mask"])
-    for path, entry in s.items():  # batches combined in float64 (sum; sum of outer products)
-      n, mean = float(entry["count"]), np.asarray(entry["mean"], np.float64)
-      acc = total.setdefault(path, {"count": 0.0, "sum": 0.0, "outer": 0.0})
-      acc["count"] += n
-      acc["sum"] = acc["sum"] + n * mean
-      acc["outer"] = acc["outer"] + np.asarray(entry["m2"], np.float64) + n * np.outer(mean, mean)
-  return {path: {k: np.asarray(v, np.float64) for k, v in acc.items()} for path, acc in total.items()}
+  return jax.jit(sums, out_shardings=replicated)
 
 
 def discriminants(classes: dict[str, dict[str, dict[str, np.ndarray]]],

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from drex.adapters.mixture import mixture_grads
 from drex.kernels import tpu, triton
 from drex.kernels.precision import F32
 
@@ -24,23 +25,6 @@ def _forward(cfg, x, a, b, gates, scale, w=None, bias=None):
   if cfg.backend == "tpu":
     return tpu.forward(cfg, x, a, b, gates, scale, w, bias)
   return triton.forward(cfg, x, a, b, gates, scale, w, bias)
-
-
-def _mixture_grads(x, a, b, gates, scale, dy):
-  """Plain-JAX cotangents of y = scale * sum_e g_e (x @ a_e) @ b_e (fp32 rank intermediates)."""
-  dyf = dy.astype(F32)
-  z = jnp.einsum("td,edr->ter", x, a, preferred_element_type=F32)
-  u = jnp.einsum("to,ero->ter", dyf, b.astype(F32))
-  g = gates.astype(F32)
-  zu = jnp.sum(z * u, axis=-1)
-  d_gates = (zu * scale).astype(gates.dtype)
-  d_scale = jnp.sum(zu * g).astype(scale.dtype)
-  wgt = (g * scale)[..., None]
-  db = jnp.einsum("ter,to->ero", z * wgt, dyf).astype(b.dtype)
-  ug = u * wgt
-  da = jnp.einsum("td,ter->edr", x.astype(F32), ug).astype(a.dtype)
-  dx = jnp.einsum("ter,edr->td", ug, a.astype(F32)).astype(x.dtype)
-  return dx, da, db, d_gates, d_scale
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -54,7 +38,7 @@ def _mixture_core_fwd(cfg, x, a, b, gates, scale):
 
 def _mixture_core_bwd(cfg, res, dy):
   del cfg
-  return _mixture_grads(*res, dy)
+  return mixture_grads(*res, dy)
 
 
 mixture_core.defvjp(_mixture_core_fwd, _mixture_core_bwd)
@@ -73,7 +57,7 @@ def _mixed_core_fwd(cfg, has_bias, x, w, bias, a, b, gates, scale):
 def _mixed_core_bwd(cfg, has_bias, res, dy):
   del cfg
   x, w, bias, a, b, gates, scale = res
-  dx, da, db, dg, ds = _mixture_grads(x, a, b, gates, scale, dy)
+  dx, da, db, dg, ds = mixture_grads(x, a, b, gates, scale, dy)
   # Frozen base: true gradients, dead code unless the caller differentiates w.r.t. w / bias.
   dx = (dx.astype(F32) + jnp.dot(dy, w.T, preferred_element_type=F32)).astype(x.dtype)
   dw = jnp.dot(x.T, dy, preferred_element_type=F32).astype(w.dtype)

@@ -7,7 +7,7 @@ The workdir's experts (10 for runs/pool10: `python -m drex.train --config=config
 --config.methods="('routing',)" --workdir=runs/pool10`) serve `--requests` questions from the tasks' test
 splits, cycling through four skill kinds: routed over all experts, routed over a subset of three, one task's
 expert, the base alone. Timed after one warm-up pass over the same requests (compiles excluded), median of
-`--reps` passes; requests/s and generated tokens/s.
+`--reps` rounds in which the compared paths take turns; requests/s and generated tokens/s.
   drex mixed    Server.generate(all requests): every batch mixes the four kinds.
   (a) drex loop one Server.generate call per distinct selection: each batch holds one selection.
   (b) PEFT      transformers InternVLForConditionalGeneration (torch, CPU) with one PEFT LoRA per task loaded,
@@ -56,14 +56,18 @@ def make_requests(server: Server, count: int, image_dir: str, max_new_tokens: in
   return out
 
 
-def _timed(fn, reps: int) -> float:
-  fn()  # warm-up: compiles
-  times = []
-  for _ in range(reps):
-    begin = time.perf_counter()
+def _timed(fns: dict, reps: int) -> dict[str, float]:
+  """Median seconds of each function over `reps` rounds, after a warm-up call of each (compiles); the functions
+  take turns within a round, so a slower or faster spell of the machine falls on all of them alike."""
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - begin)
-  return statistics.median(times)
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      begin = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - begin)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _selection_key(r: Request):
@@ -71,11 +75,12 @@ def _selection_key(r: Request):
 
 
 def drex_rows(server: Server, requests: list[Request], reps: int) -> dict:
-  mixed = _timed(lambda: server.generate(requests), reps)
   groups: dict = {}
   for r in requests:
     groups.setdefault(_selection_key(r), []).append(r)
-  looped = _timed(lambda: [server.generate(g) for g in groups.values()], reps)
+  seconds = _timed({"mixed": lambda: server.generate(requests),
+                    "loop": lambda: [server.generate(g) for g in groups.values()]}, reps)
+  mixed, looped = seconds["mixed"], seconds["loop"]
   tokens = len(requests) * requests[0].max_new_tokens
   return {"requests": len(requests), "selections": len(groups), "mixed_s": round(mixed, 3),
           "loop_s": round(looped, 3), "mixed_requests_per_s": round(len(requests) / mixed, 2),
@@ -133,8 +138,8 @@ def peft_rows(server: Server, requests: list[Request], reps: int, batch_size: in
       answers += [server.encoder.decode_answer(row[length:].tolist()) for row in out.numpy()]
     return answers
 
-  seconds = _timed(run, reps)
-  drex_s = _timed(lambda: server.generate(requests), reps)
+  timed = _timed({"peft": run, "drex": lambda: server.generate(requests)}, reps)
+  seconds, drex_s = timed["peft"], timed["drex"]
   same = sum(p == d.get("answer") for p, d in zip(run(), server.generate(requests)))  # the same model both ways
   return {"requests": len(requests), "same_answers": same, "peft_s": round(seconds, 3), "drex_s": round(drex_s, 3),
           "peft_requests_per_s": round(len(requests) / seconds, 2),
@@ -170,7 +175,8 @@ def main() -> None:
     lines = ["# Serving a mixed batch of skills (CPU)", "", f"`{result['command']}`  ",
              f"{result['date']}, {result['cores']} cores; {result['experts']} experts; {d['requests']} requests, four "
              f"skill kinds cycled (routed over all / over 3 / one task / base), batch {args.batch_size}, "
-             f"{args.max_new_tokens} new tokens each; median of {args.reps} passes after a warm-up.", "",
+             f"{args.max_new_tokens} new tokens each; median of {args.reps} rounds after a warm-up, the compared paths "
+             f"taking turns in each round.", "",
              "| path | requests | seconds | requests/s | speed-up of drex mixed |", "|---|---|---|---|---|",
              f"| drex mixed batches | {d['requests']} | {d['mixed_s']} | {d['mixed_requests_per_s']} | |",
              f"| (a) drex, one selection per batch ({d['selections']} selections) | {d['requests']} | {d['loop_s']} | "

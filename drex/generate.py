@@ -21,7 +21,6 @@ from drex.data import images, record
 from drex.errors import UserError
 from drex.models.generation import jitted_greedy_generate
 from drex.parallel import Parallel
-from drex.task_data import round_up
 from drex.workdir import load_routed
 
 if __name__ == "__main__":  # the command's flags; importing the module (tests, other modules) defines none
@@ -45,7 +44,7 @@ def ask(workdir_model: tuple, image: np.ndarray | None, question: str, max_new_t
   question_record = record.make([(question, "")], [] if image is None else [image])
   pixels, tiles = encoder.pixels(question_record["images"])
   prompt = encoder.prompt_ids(question_record, tiles)
-  ids, mask = (x[None] for x in encoder.left_pad(prompt, round_up(len(prompt), serving.PROMPT_BUCKET)))
+  ids, mask = (x[None] for x in encoder.left_pad(prompt, serving.prompt_bucket(len(prompt))))
   tokens = jitted_greedy_generate(model, variables, pixels[None], ids, mask, max_new_tokens, encoder.eos_id,
                                   encoder.pad_id)
   batch = {"pixel_values": pixels[None], "input_ids": ids, "attention_mask": mask}

@@ -11,9 +11,9 @@ config.router: level, k, temperature, null expert) restricted to the selected ex
 every inference router honours), or, for one task's expert or the base alone, fixed weights (`Selecting`, a
 router that wraps the workdir's). Batches gather requests of similar prompt length and answer length; prompts
 are left-padded to a length bucket and batches to a fixed size, so a handful of programs serve any stream of
-requests; decoding is greedy with the KV cache, each answer cut at its request's max_new_tokens and at the end
-of its turn. A request naming an unknown task, giving a field of the wrong type or an unreadable image is
-answered with an error of its own; the others are answered.
+requests (a batch without images skips the vision encoder); decoding is greedy with the KV cache, each answer cut
+at its request's max_new_tokens and at the end of its turn. A request naming an unknown task, giving a field of the
+wrong type or an unreadable image is answered with an error of its own; the others are answered.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from drex.adapters import lora, prototypes, routers
 from drex.data import images, record
 from drex.errors import UserError
 from drex.models.generation import jitted_greedy_generate
-from drex.task_data import round_up
 
 
-PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this many tokens (drex.generate.ask too)
+SMALLEST_PROMPT_BUCKET = 16  # the shortest length prompts are left-padded to (see prompt_bucket)
 MAX_NEW_TOKENS = 1024  # the longest answer a request may ask for
 
 
@@ -115,6 +114,16 @@ class FixedOnly(routers.Router):
     return jnp.zeros(x.shape[:-1] + (num_experts,), jnp.float32)
 
 
+def prompt_bucket(length: int) -> int:
+  """The length a prompt of `length` tokens is left-padded to (drex.generate.ask too): the next of 16, 24, 32, 48,
+  64, 96, ... (two lengths per octave), so a handful of programs serve any prompts and padding stays under a third
+  of a batch (a multiple of 32 padded the tiny base's 44-token image prompts to 64)."""
+  bucket = SMALLEST_PROMPT_BUCKET
+  while bucket < length:
+    bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket // 3 * 4  # 2^k -> 1.5 * 2^k -> 2^(k+1)
+  return bucket
+
+
 def _steps(max_new_tokens: int) -> int:
   """Decoding steps of a batch: the next power of two (few compiled programs)."""
   return 1 << (max_new_tokens - 1).bit_length()
@@ -181,8 +190,8 @@ class Server:
     question = record.make([(request.question, "")], [images.load_image(p) for p in paths])
     pixels, tiles = self.encoder.pixels(question["images"])
     prompt = self.encoder.prompt_ids(question, tiles)
-    return {"pixels": pixels, "prompt": prompt, "allowed": allowed, "fixed": fixed, "use_fixed": use_fixed,
-            "max_new_tokens": limit, "experts": used}
+    return {"pixels": pixels, "has_image": bool(tiles), "prompt": prompt, "allowed": allowed, "fixed": fixed,
+            "use_fixed": use_fixed, "max_new_tokens": limit, "experts": used}
 
   # -- batches
   def discriminants(self, tasks: tuple[str, ...]) -> dict[tuple[str, ...], dict[str, np.ndarray]]:
@@ -222,12 +231,13 @@ class Server:
   def _answer(self, rows: list[dict]) -> list[str]:
     """Greedy answers of up to batch_size prepared rows (padded to batch_size, prompts to a bucket)."""
     filled = rows + [rows[0]] * (self.batch_size - len(rows))
-    length = round_up(max(len(r["prompt"]) for r in filled), PROMPT_BUCKET)
+    length = prompt_bucket(max(len(r["prompt"]) for r in filled))
     ids, mask = (np.stack(column) for column in zip(*(self.encoder.left_pad(r["prompt"], length) for r in filled)))
     steps = _steps(max(r["max_new_tokens"] for r in rows))
     model = self.fixed_model if all(r["use_fixed"] for r in filled) else self.model
-    tokens = jitted_greedy_generate(model, self._variables(filled), np.stack([r["pixels"] for r in filled]), ids,
-                                    mask, steps, self.encoder.eos_id, self.encoder.pad_id)
+    pixels = np.stack([r["pixels"] for r in filled]) if any(r["has_image"] for r in filled) else None  # no ViT pass
+    tokens = jitted_greedy_generate(model, self._variables(filled), pixels, ids, mask, steps, self.encoder.eos_id,
+                                    self.encoder.pad_id)
     tokens = np.asarray(tokens)
     return [self.encoder.decode_answer(tokens[i, :r["max_new_tokens"]]) for i, r in enumerate(rows)]
 
@@ -242,8 +252,8 @@ class Server:
         out[i] = {"error": str(e)}
         if progress:
           progress(1)
-    ready.sort(key=lambda item: (_steps(item[1]["max_new_tokens"]),  # similar answer and prompt lengths together
-                                 round_up(len(item[1]["prompt"]), PROMPT_BUCKET)))
+    ready.sort(key=lambda item: (_steps(item[1]["max_new_tokens"]),  # similar answer and prompt lengths together,
+                                 prompt_bucket(len(item[1]["prompt"])), item[1]["has_image"]))  # text-only together
     for start in range(0, len(ready), self.batch_size):
       chunk = ready[start:start + self.batch_size]
       for (i, row), answer in zip(chunk, self._answer([row for _, row in chunk])):

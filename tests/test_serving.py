@@ -17,7 +17,7 @@ from drex.checkpoints import store
 from drex.cli import load_config_file
 from drex.data import record, tasks
 from drex.models.generation import jitted_greedy_generate
-from drex.serving import Request, Server
+from drex.serving import Request, Server, prompt_bucket
 from drex.stream import run_stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,3 +113,11 @@ def test_serve_command_answers_good_requests_and_reports_bad_ones(workdir, tmp_p
   assert "answer" in out[0] and all("answer" in out[i] for i in (5, 6))
   assert "unknown task 'juggling'" in out[1]["error"] and "image file not found" in out[2]["error"]
   assert "not a request" in out[3]["error"] and "unknown fields ['colour']" in out[4]["error"]
+
+
+def test_prompt_buckets_are_few_and_pad_less_than_a_third():
+  buckets = [prompt_bucket(n) for n in range(1, 8193)]
+  assert all(b >= n for n, b in enumerate(buckets, 1)) and buckets == sorted(buckets)
+  assert all((b - n) / b < 1 / 3 for n, b in enumerate(buckets, 1) if n > 16)
+  assert sorted(set(buckets)) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
+                                  6144, 8192]

@@ -230,3 +230,10 @@ def test_input_moments_match_a_direct_computation(setup):
   scores = xhat @ np.asarray(routers.standardize(jnp.asarray(vec))).T / np.sqrt(32)
   np.testing.assert_allclose(m["score_mean"], scores.mean(0), atol=1e-5)
   np.testing.assert_allclose(m["score_std"], scores.std(0), atol=1e-4)
+  # Another class's statistics through an equal model reuse the compiled pass (one compile per run, not per class).
+  parallel = Parallel.create((1, 1, 1))
+  misses = prototypes._input_sums.cache_info().misses
+  prototypes.input_moments(vlm.VLM(cfg, lora.AdapterSpec()), {"params": params, "experts": experts}, [batch],
+                           parallel, {key: -vec})
+  assert prototypes._input_sums.cache_info().misses == misses
+  assert prototypes._input_sums(model, parallel.sharding(()))._cache_size() == 1

@@ -45,6 +45,7 @@ def main() -> None:
   parser.add_argument("--default_malloc", action="store_true", help="leave glibc's malloc settings as they are")
   args = parser.parse_args()
   kept = False if args.default_malloc else host_memory.keep_freed_memory()
+  jax.config.update("jax_enable_compilation_cache", False)  # every program compiled, as on a first run
   flags.FLAGS.mark_as_parsed()
   cli.setup_logging()
   spent = collections.Counter()  # seconds per part
@@ -117,7 +118,8 @@ def main() -> None:
       json.dump(info, f, indent=1)
     rest = wall - sum(v for k, v in spent.items() if k != "compile")
     lines = ["# Main job wall time, broken down (2-core CPU)", "", f"`{info['command']}`  ",
-             f"{info['date']}, jax {info['jax']}, {info['cores']} cores; fresh workdir and TFDS cache; results equal "
+             f"{info['date']}, jax {info['jax']}, {info['cores']} cores; fresh workdir and TFDS cache, no compilation cache; "
+             f"results equal "
              f"`task3_cpu.json`: {info['results_equal_task3_cpu_json']}; freed host memory kept for reuse "
              f"(drex.host_memory): {kept}.", "",
              f"Train steps: {steps} at {info['train_steps_per_s']} steps/s (each synced). CPU time: "

@@ -1,5 +1,6 @@
 """User errors at the command line are one clear line (exit status 2), never a traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,36 @@ def test_entry_points_import_together():
     help_text = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                                timeout=300).stdout
     assert "--workdir:" in help_text, (module, help_text[-500:])
+
+
+CACHED_PROGRAM = """
+import json, jax, jax.numpy as jnp
+from drex import cli
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+directory = cli.use_compilation_cache()
+jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
+print(json.dumps({"directory": directory, "hits": len(hits)}))
+"""
+
+
+def _cached_run(env: dict) -> dict:
+  env = {**{k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "DREX_COMPILATION"))}, **env,
+         "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  out = subprocess.run([sys.executable, "-c", CACHED_PROGRAM], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_entry_points_keep_compiled_programs_across_runs(tmp_path):
+  """A second process compiling the same programs loads them from the cache: ~/.cache/drex/xla by default, JAX's own
+  JAX_COMPILATION_CACHE_DIR when set; DREX_COMPILATION_CACHE=0 turns it off."""
+  home = {"HOME": str(tmp_path)}
+  first, second = _cached_run(home), _cached_run(home)
+  assert first["directory"] == second["directory"] == os.path.join(str(tmp_path), ".cache", "drex", "xla")
+  assert first["hits"] == 0 and second["hits"] > 0 and os.listdir(first["directory"])
+  own = {**home, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "own")}
+  assert _cached_run(own) == {"directory": str(tmp_path / "own"), "hits": 0}
+  assert _cached_run(own)["hits"] > 0
+  assert _cached_run({**home, "DREX_COMPILATION_CACHE": "0"}) == {"directory": None, "hits": 0}

@@ -118,10 +118,9 @@ def main() -> None:
       json.dump(info, f, indent=1)
     rest = wall - sum(v for k, v in spent.items() if k != "compile")
     lines = ["# Main job wall time, broken down (2-core CPU)", "", f"`{info['command']}`  ",
-             f"{info['date']}, jax {info['jax']}, {info['cores']} cores; fresh workdir and TFDS cache, no compilation cache; "
-             f"results equal "
-             f"`task3_cpu.json`: {info['results_equal_task3_cpu_json']}; freed host memory kept for reuse "
-             f"(drex.host_memory): {kept}.", "",
+             f"{info['date']}, jax {info['jax']}, {info['cores']} cores; fresh workdir and TFDS cache, no compilation "
+             f"cache; results equal `task3_cpu.json`: {info['results_equal_task3_cpu_json']}; freed host memory kept "
+             f"for reuse (drex.host_memory): {kept}.", "",
              f"Train steps: {steps} at {info['train_steps_per_s']} steps/s (each synced). CPU time: "
              f"{info['user_cpu_s']:.0f} s user, {info['kernel_cpu_s']:.0f} s kernel; "
              f"{info['minor_page_faults'] / 1e6:.1f} M minor page faults.", "",
